@@ -51,6 +51,8 @@ class DataSource(ABC):
     name: str = ""
     #: languages to use when the user names none (``None``: the user must name them)
     default_langs: tuple[str, ...] | None = None
+    #: whether library callers cache this source's text by default (remote: yes; local files: no)
+    cache_by_default: bool = True
 
     def __init__(self, source: str | None = None, *, text_field: str = "text", **options: Any):
         self.source = source
@@ -133,14 +135,15 @@ def extract_field(record: Any, path: str) -> str:
     return value
 
 
-def register_source(name: str):
+def register_source(name: str, aliases: tuple[str, ...] = ()):
     """Class decorator: make a :class:`DataSource` subclass available as ``--plugin NAME``."""
 
     def decorate(cls: type[DataSource]) -> type[DataSource]:
         if not (isinstance(cls, type) and issubclass(cls, DataSource)):
             raise TypeError(f"{cls!r} is not a DataSource subclass")
         cls.name = name
-        _REGISTRY[name] = cls
+        for key in (name, *aliases):
+            _REGISTRY[key] = cls
         return cls
 
     return decorate
@@ -151,13 +154,16 @@ def _load_builtin_sources() -> None:
     from ggufopt_ray.data import hf, local  # noqa: F401
 
 
-def registered_sources() -> dict[str, type[DataSource]]:
-    """Built-in and installed sources by name (installed entry points do not replace built-ins)."""
+def registered_sources() -> dict[str, str]:
+    """Names of the available sources and where each comes from (``module:Class``).
+
+    Installed entry points are listed without importing them, and never replace a built-in name.
+    """
     _load_builtin_sources()
-    found = dict(_REGISTRY)
+    found = {name: f"{cls.__module__}:{cls.__qualname__}" for name, cls in _REGISTRY.items()}
     for ep in _entry_points():
-        found.setdefault(ep.name, ep)  # loaded lazily by get_source_class
-    return found
+        found.setdefault(ep.name, ep.value)
+    return dict(sorted(found.items()))
 
 
 def _entry_points():

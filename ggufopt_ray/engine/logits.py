@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from ggufopt_ray.engine import native
+from ggufopt_ray.engine.tokenizer import tokenize_with_vocab
 from ggufopt_ray.errors import UserError
 
 
@@ -110,14 +111,7 @@ class LogitsEngine:
     # -- tokens -------------------------------------------------------------------------------
     def tokenize(self, text: str | bytes, add_bos: bool = False) -> np.ndarray:
         """Token ids of ``text`` (special tokens in the text are treated as plain text)."""
-        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
-        n_max = len(data) + 8
-        while True:
-            buf = (self._lib.llama_token * n_max)()
-            n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_bos, False)
-            if n >= 0:
-                return np.frombuffer(buf, dtype=np.int32, count=n).copy()
-            n_max = -n
+        return tokenize_with_vocab(self._lib, self._vocab, text, add_bos)
 
     def prepare_chunk(self, tokens: Sequence[int]) -> np.ndarray:
         """A copy of ``tokens`` whose first token is BOS when the model adds one.

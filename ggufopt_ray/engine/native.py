@@ -60,7 +60,7 @@ def ensure_backend() -> None:
         _initialised = True
 
 
-def load_model(path: str | Path, n_gpu_layers: int = 0, use_mmap: bool = True):
+def load_model(path: str | Path, n_gpu_layers: int = 0, use_mmap: bool = True, vocab_only: bool = False):
     """Load a GGUF model and return the raw ``llama_model*``; caller frees with ``free_model``."""
     # Reading the header and tensor table first turns a damaged or truncated file into a clear
     # message instead of whatever llama.cpp does with it.
@@ -72,6 +72,7 @@ def load_model(path: str | Path, n_gpu_layers: int = 0, use_mmap: bool = True):
     # On a CPU-only build llama.cpp ignores the offload request, so the setting is always safe.
     params.n_gpu_layers = int(n_gpu_layers)
     params.use_mmap = bool(use_mmap)
+    params.vocab_only = bool(vocab_only)
     model = lib.llama_model_load_from_file(str(path).encode(), params)
     if not model:
         raise UserError(f"llama.cpp could not load {path} (damaged, truncated or an unsupported "
