@@ -85,6 +85,8 @@ class ClusterConfig:
     worker_gpus: float = 0.0
     worker_resources: dict[str, float] = field(default_factory=dict)  # e.g. {gpu_node: 0.01}
     task_resources: dict[str, float] = field(default_factory=dict)  # e.g. {cpu_node: 0.01}
+    task_cpus: float = 0.0  # CPUs a quantize/imatrix task asks for (0: borrow the waiting trial's)
+    trial_cpus: float = 1.0  # CPUs per trial (its llama.cpp threads)
     max_concurrent_trials: Optional[int] = None
     max_failures: int = 2
     dashboard: bool = True
@@ -100,7 +102,7 @@ class SweepConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     output_dir: Optional[str] = None  # null = Hydra's run directory
-    cache_dir: Optional[str] = None  # null = ~/.cache/ggufopt-ray (models, stores, candidates)
+    cache_dir: Optional[str] = None  # null = $GGUFOPT_CACHE_DIR or ~/.cache/ggufopt_ray
     verbose: bool = False
     seed: int = 0
 

@@ -58,6 +58,18 @@ def read_chunks_file(path: Path, n_ctx: int) -> list:
     except Exception as exc:
         raise UserError(f"{path} is not a readable Parquet file ({type(exc).__name__}); "
                         "give a chunks file written by ggufopt")
+    if "set" in table.column_names:
+        # A chunks file from `ggufopt dataset`: only its calibration set feeds an imatrix, so the
+        # evaluation chunks stay unseen by the quantizer.
+        from ggufopt_ray.data import load_chunks
+
+        chunks = load_chunks(path, "calibration").chunks
+        if not chunks:
+            raise UserError(f"{path} has no calibration chunks; rebuild it with --calibration-chunks N")
+        longest = max(len(c) for c in chunks)
+        if longest > n_ctx:
+            raise UserError(f"{path} has chunks of {longest} tokens, longer than --ctx {n_ctx}; pass --ctx {longest}")
+        return chunks
     listy = [f.name for f in table.schema
              if (pa.types.is_list(f.type) or pa.types.is_large_list(f.type)) and pa.types.is_integer(f.type.value_type)]
     if not listy:

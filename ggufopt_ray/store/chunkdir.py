@@ -40,7 +40,8 @@ def _write_h5_atomically(final: Path, arrays: dict[str, np.ndarray], attrs: dict
     try:
         with h5py.File(tmp, "w", track_order=True) as f:
             for key, value in attrs.items():
-                f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+                # Every attribute as JSON text: None, nested dicts and lists survive unchanged.
+                f.attrs[key] = json.dumps(value, sort_keys=True, default=str)
             for name, arr in arrays.items():
                 # track_times=False: identical content gives identical bytes (resume == fresh run).
                 f.create_dataset(name, data=np.asarray(arr), track_times=False)
@@ -58,14 +59,7 @@ def _read_attrs(f) -> dict:
     for key, value in f.attrs.items():
         if isinstance(value, bytes):
             value = value.decode()
-        if isinstance(value, str) and value[:1] in "[{":
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                pass
-        elif isinstance(value, np.generic):
-            value = value.item()
-        out[key] = value
+        out[key] = json.loads(value)
     return out
 
 

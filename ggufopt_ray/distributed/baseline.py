@@ -1,0 +1,106 @@
+"""The baseline stage: each chunk's baseline log-probabilities computed once, kept in Ray's object store.
+
+Logits workers are actors that load the base model once and take chunks round-robin; they sit
+on GPU nodes when the config asks for GPUs (or custom resources such as ``{gpu_node: 0.01}``).
+Each chunk's encoded payload is written to the baseline store on disk (crash-safe, so a rerun
+resumes) and kept in the object store as one ObjectRef per chunk, which trials on any node read
+zero-copy. When the store already holds every chunk for this fingerprint, nothing is computed:
+the chunks are loaded and put once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+
+from ggufopt_ray.config import ClusterConfig
+
+
+@ray.remote
+class LogitsWorker:
+    """One loaded model; turns token chunks into encoded baseline payloads."""
+
+    def __init__(self, model_path: str, settings: dict, encoding: str, first: int):
+        from ggufopt_ray.engine import LogitsEngine, RuntimeSettings
+
+        self.engine = LogitsEngine(model_path, RuntimeSettings(**settings))
+        self.encoding = encoding
+        self.first = first
+        self.computed = 0
+
+    def baseline(self, index: int, tokens: np.ndarray) -> dict:
+        from ggufopt_ray.evaluation import baseline_payload
+
+        payload = baseline_payload(self.engine, tokens, self.encoding, self.first)
+        self.computed += 1
+        return payload
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def computed_count(self) -> int:
+        return self.computed
+
+
+def worker_options(cluster: ClusterConfig, index: int) -> dict:
+    opts: dict = {"name": f"logits-worker-{index}", "num_cpus": cluster.worker_cpus,
+                  "max_restarts": 1, "max_task_retries": 1}
+    if cluster.worker_gpus:
+        opts["num_gpus"] = cluster.worker_gpus
+    if cluster.worker_resources:
+        opts["resources"] = dict(cluster.worker_resources)
+    return opts
+
+
+@dataclass
+class BaselineRefs:
+    """What trials need: one ObjectRef per chunk (wrapped in a list so Ray does not resolve it)."""
+
+    refs: list  # list[[ObjectRef]]
+    computed: int  # chunks computed in this run (0 when loaded from the store)
+    loaded: int  # chunks loaded from the store
+    seconds: float
+    worker_nodes: list[str] = field(default_factory=list)
+
+
+def run_baseline(store, chunks: list[np.ndarray], model_path: str, settings: dict, encoding: str,
+                 first: int, cluster: ClusterConfig, progress=None) -> BaselineRefs:
+    """Fill ``store`` (a :class:`~ggufopt_ray.store.baseline.BaselineStore`) and return object refs.
+
+    Chunks already committed in the store are loaded and put; the missing ones are sharded over
+    ``cluster.logits_workers`` actors. Results are committed as they arrive, so an interrupted
+    stage resumes where it stopped.
+    """
+    t0 = time.perf_counter()
+    refs: list = [None] * len(chunks)
+    missing = [i for i in range(len(chunks)) if not store.has(i)]
+    loaded = 0
+    for i in range(len(chunks)):
+        if i not in missing:
+            refs[i] = [ray.put(store.read_payload(i))]
+            loaded += 1
+    nodes: list[str] = []
+    if missing:
+        n_workers = max(1, min(cluster.logits_workers, len(missing)))
+        workers = [LogitsWorker.options(**worker_options(cluster, k)).remote(model_path, settings, encoding, first)
+                   for k in range(n_workers)]
+        nodes = ray.get([w.node_id.remote() for w in workers])
+        pending = {}
+        for k, i in enumerate(missing):
+            ref = workers[k % n_workers].baseline.remote(i, chunks[i])
+            pending[ref] = i
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                i = pending.pop(ref)
+                store.write_payload(i, chunks[i], ray.get(ref))
+                refs[i] = [ref]
+                if progress is not None:
+                    progress(i)
+        for w in workers:
+            ray.kill(w)
+    return BaselineRefs(refs=refs, computed=len(missing), loaded=loaded,
+                        seconds=time.perf_counter() - t0, worker_nodes=nodes)

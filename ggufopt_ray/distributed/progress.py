@@ -1,0 +1,68 @@
+"""A one-line live progress display for the driver: trials done/running/stopped, chunks, ETA."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from ray.tune import Callback
+
+
+class ProgressLine(Callback):
+    """Rewrites one status line on stderr as trials report; quiet when stderr is not a terminal."""
+
+    def __init__(self, total_trials: int | None, chunks_per_trial: int, stream=None):
+        self.total = total_trials
+        self.chunks_per_trial = chunks_per_trial
+        self.stream = stream or sys.stderr
+        self.started = time.monotonic()
+        self.chunks = 0
+        self.done = 0
+        self.errored = 0
+        self.early = 0
+        self.running: set[str] = set()
+        self._last = 0.0
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def _render(self, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - self._last < 0.5:
+            return
+        self._last = now
+        elapsed = now - self.started
+        eta = ""
+        if self.total and self.done:
+            left = max(self.total - self.done, 0)
+            eta = f" ETA {elapsed / self.done * left:5.0f}s"
+        total = f"/{self.total}" if self.total else ""
+        line = (f"trials {self.done}{total} done, {len(self.running)} running, {self.early} stopped early, "
+                f"{self.errored} failed | {self.chunks} chunks | {elapsed:5.0f}s{eta}")
+        if self.tty:
+            self.stream.write("\r" + line.ljust(100) + ("\n" if final else ""))
+            self.stream.flush()
+        elif final:
+            self.stream.write(line + "\n")
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.running.add(trial.trial_id)
+        self._render()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.chunks += 1
+        self._render()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.running.discard(trial.trial_id)
+        self.done += 1
+        last = trial.last_result or {}
+        if last.get("stop_reason") not in (None, "all_chunks", "running"):
+            self.early += 1
+        self._render()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.running.discard(trial.trial_id)
+        self.errored += 1
+        self._render()
+
+    def on_experiment_end(self, trials, **info):
+        self._render(final=True)

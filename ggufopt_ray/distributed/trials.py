@@ -1,0 +1,188 @@
+"""Ray Tune trials: prepare a candidate, compare it chunk by chunk with the baseline refs, report.
+
+A trial is a plain function (Tune's function API). It turns its config into a recipe, has the
+candidate built by a CPU task (cached by model fingerprint + recipe + imatrix hash, so identical
+candidates are never built twice), evaluates it on its own logits engine chunk after chunk
+against the baseline payloads it reads zero-copy from the object store, and reports running
+statistics after every chunk so that a scheduler or the statistical stopping rule can end it.
+Every evaluated chunk is committed to a per-candidate results store, so a retried or resumed
+trial continues where it stopped instead of recomputing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import ray
+from ray import tune
+
+from ggufopt_ray.config import ClusterConfig, MetricsConfig, SearchConfig
+
+
+@dataclass
+class TrialContext:
+    """Everything a trial needs besides its config; shipped once through the object store."""
+
+    base_model: str
+    model_fp: str
+    settings: dict  # RuntimeSettings fields for candidate engines
+    tokens: list  # evaluation chunks (int32 arrays)
+    baseline_refs: list  # [[ObjectRef]] per chunk
+    baseline_id: str
+    encoding: str
+    first: int
+    metrics: MetricsConfig
+    search: SearchConfig
+    cluster: ClusterConfig
+    cache_dir: str
+    calib_tokens: list = field(default_factory=list)
+    calib_fingerprint: str = ""
+    versions: dict = field(default_factory=dict)
+    trial_cpus: float = 1.0
+
+
+def _imatrix_path(ctx: TrialContext, n_chunks: int) -> str:
+    return str(Path(ctx.cache_dir) / "imatrix" / ctx.model_fp / f"{ctx.calib_fingerprint}-{n_chunks}.gguf")
+
+
+def prepare_candidate(recipe, ctx: TrialContext) -> dict:
+    """Build (or fetch from the cache) the candidate file on a CPU task; returns Candidate dict."""
+    from ggufopt_ray.distributed.tasks import (build_candidate_task, build_imatrix_task, fetch_to_local,
+                                               task_options)
+
+    im_path = None
+    if recipe.imatrix_chunks:
+        k = int(recipe.imatrix_chunks)
+        if k > len(ctx.calib_tokens):
+            from ggufopt_ray.errors import UserError
+
+            raise UserError(f"an imatrix of {k} chunks needs {k} calibration chunks; the dataset has "
+                            f"{len(ctx.calib_tokens)} (raise dataset.calib_chunks)")
+        im = ray.get(build_imatrix_task.options(**task_options(ctx.cluster, f"imatrix-{k}")).remote(
+            ctx.base_model, ctx.calib_tokens[:k], _imatrix_path(ctx, k), ctx.settings["n_ctx"], 1))
+        im_path = fetch_to_local(im["path"], im["node_id"])
+    cand = ray.get(build_candidate_task.options(**task_options(ctx.cluster, f"build-{recipe.label()}")).remote(
+        recipe.to_dict(), ctx.base_model, ctx.cache_dir, ctx.model_fp, im_path, 1))
+    cand["path"] = fetch_to_local(cand["path"], cand["node_id"])
+    return cand
+
+
+def _results_root(ctx: TrialContext, cand: dict) -> Path:
+    from ggufopt_ray.candidates import Recipe
+
+    key = Recipe.from_dict(cand["recipe"]).key() + (cand.get("imatrix_hash") or "")
+    return Path(ctx.cache_dir) / "results" / ctx.baseline_id / key
+
+
+def quality_trial(config: dict, ctx: TrialContext) -> None:
+    """Tune trainable: evaluate one candidate against the baseline, reporting after each chunk."""
+    from ggufopt_ray.distributed.spaces import recipe_from_config
+    from ggufopt_ray.engine import LogitsEngine, RuntimeSettings
+    from ggufopt_ray.evaluation import compare_chunk, summarize, stop_decision
+    from ggufopt_ray.store.results import ResultsStore
+
+    t_start = time.perf_counter()
+    config = config.get("cfg", config)  # grid trials carry their point under "cfg"
+    recipe = recipe_from_config(config, ctx.search)
+    base_row = {"label": recipe.label(), "recipe": json.dumps(recipe.to_dict(), sort_keys=True),
+                "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+    over = _over_budget(recipe, ctx)
+    if over is not None:
+        tune.report({**base_row, **over, "stop_reason": "over_size_budget", "chunks": 0,
+                     "objective": 1e9, "done_eval": True})
+        return
+    cand = prepare_candidate(recipe, ctx)
+    t_built = time.perf_counter()
+    store = ResultsStore.create_or_open(_results_root(ctx, cand), {
+        "baseline_id": ctx.baseline_id, "candidate": cand["recipe"], "imatrix_hash": cand.get("imatrix_hash"),
+        "model_fingerprint": ctx.model_fp, "encoding": ctx.encoding, "first": ctx.first,
+        "settings": ctx.settings})
+    settings = RuntimeSettings(**{**ctx.settings, "n_threads": max(1, int(ctx.trial_cpus))})
+    engine = None
+    per_chunk: list[dict] = []
+    from_object_store = 0
+    reason = "all_chunks"
+    try:
+        for i, tokens in enumerate(ctx.tokens):
+            if store.has(i):
+                metrics = store.read(i)
+            else:
+                if engine is None:
+                    engine = LogitsEngine(cand["path"], settings)
+                payload = ray.get(ctx.baseline_refs[i][0])
+                from_object_store += 1
+                metrics = compare_chunk(engine, tokens, payload, ctx.encoding, ctx.first)
+                store.write(i, metrics)
+            per_chunk.append(metrics)
+            summary = summarize(per_chunk)
+            stop, why = stop_decision(per_chunk, ctx.metrics)
+            last = i == len(ctx.tokens) - 1
+            if stop and not last:
+                reason = why
+            row = {**base_row, **summary, "chunks": i + 1,
+                   "bits_per_weight": cand["bits_per_weight"], "size_bytes": cand["size_bytes"],
+                   "candidate_cached": cand["cached"], "build_seconds": cand["build_seconds"],
+                   "imatrix_hash": cand.get("imatrix_hash") or "",
+                   "baseline_chunks_from_object_store": from_object_store,
+                   "eval_seconds": time.perf_counter() - t_built, "trial_seconds": time.perf_counter() - t_start,
+                   "stop_reason": reason if (stop or last) else "running", "done_eval": bool(stop or last),
+                   "objective": _objective(summary, cand, ctx)}
+            row.update({k: v for k, v in (cand.get("extra") or {}).items() if isinstance(v, (int, float))})
+            tune.report(row)
+            if stop:
+                break
+    finally:
+        if engine is not None:
+            engine.close()
+
+
+def _objective(summary: dict, cand: dict, ctx: TrialContext) -> float:
+    target = ctx.search.objectives[0] if ctx.search.objectives else "composite"
+    key = {"composite": "composite", "mean": "kld_mean", "median": "kld_median", "p99": "kld_p99"}.get(target, target)
+    value = float(summary.get(key, math.nan))
+    if ctx.search.target_bpw is not None and cand["bits_per_weight"] > ctx.search.target_bpw:
+        value += 1e3  # over the size budget: never preferred to a candidate that fits
+    return value
+
+
+def _over_budget(recipe, ctx: TrialContext) -> dict | None:
+    """For a size budget, a dry run tells the exact size before any quantization work."""
+    if ctx.search.target_bpw is None or recipe.kind != "quant" or recipe.imatrix_chunks:
+        return None
+    from ggufopt_ray.engine.quantize import quantize_model
+
+    plan = quantize_model(ctx.base_model, recipe.ftype, dry_run=True, tensor_types=list(recipe.overrides) or None,
+                          output_type=recipe.output_type, embd_type=recipe.embd_type, pure=recipe.pure,
+                          threads=1)
+    if plan.bits_per_weight > ctx.search.target_bpw:
+        return {"bits_per_weight": plan.bits_per_weight, "size_bytes": plan.size_bytes}
+    return None
+
+
+def bub_trial(config: dict, ctx: TrialContext) -> None:
+    """Tune trainable for batch/ubatch: logits throughput of the base model, per chunk."""
+    from ggufopt_ray.engine import LogitsEngine, RuntimeSettings
+
+    config = config.get("cfg", config)
+    n_batch, n_ubatch = int(config["n_batch"]), int(config["n_ubatch"])
+    settings = RuntimeSettings(**{**ctx.settings, "n_batch": n_batch, "n_ubatch": n_ubatch,
+                                  "n_threads": max(1, int(ctx.trial_cpus))})
+    rates = []
+    with LogitsEngine(ctx.base_model, settings) as engine:
+        engine.logits(ctx.tokens[0])  # warm-up, untimed
+        for i, tokens in enumerate(ctx.tokens[: max(2, min(len(ctx.tokens), 6))]):
+            t0 = time.perf_counter()
+            engine.logits(tokens)
+            rates.append(len(tokens) / (time.perf_counter() - t0))
+            tune.report({"label": f"b{n_batch}-u{n_ubatch}", "n_batch": n_batch, "n_ubatch": n_ubatch,
+                         "tokens_per_s": float(np.median(rates)), "chunks": i + 1,
+                         "objective": -float(np.median(rates)), "stop_reason": "running", "done_eval": False})
+    tune.report({"label": f"b{n_batch}-u{n_ubatch}", "n_batch": n_batch, "n_ubatch": n_ubatch,
+                 "tokens_per_s": float(np.median(rates)), "chunks": len(rates),
+                 "objective": -float(np.median(rates)), "stop_reason": "all_chunks", "done_eval": True})

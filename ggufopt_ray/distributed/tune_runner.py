@@ -1,0 +1,121 @@
+"""Run the trials of a sweep with Ray Tune: grid or Optuna search, schedulers, retries, resume.
+
+Facts this relies on (Ray 2.60 / Optuna 5, see DESIGN.md): metric and mode go to both
+OptunaSearch and TuneConfig; schedulers count ``training_iteration`` (one per chunk) rather than
+wall time; ``fit()`` does not raise on failed trials, so errors are collected from the results;
+an interrupted experiment resumes with ``Tuner.restore(..., resume_unfinished=True,
+resume_errored=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from ray import tune
+
+from ggufopt_ray.config import ClusterConfig, SearchConfig
+from ggufopt_ray.errors import UserError
+
+EXPERIMENT_NAME = "sweep"
+
+
+@dataclass
+class TuneOutcome:
+    rows: list[dict]  # final reported metrics + config of every trial
+    history: list[dict]  # every per-chunk report of every trial (for curves)
+    errors: list[str] = field(default_factory=list)
+    resumed: bool = False
+    experiment_path: str = ""
+
+
+def trial_resources(cluster: ClusterConfig):
+    bundle = {"CPU": float(cluster.trial_cpus)}
+    if cluster.worker_gpus:
+        bundle["GPU"] = float(cluster.worker_gpus)
+    bundle.update({k: float(v) for k, v in (cluster.worker_resources or {}).items()})
+    return tune.PlacementGroupFactory([bundle])
+
+
+def concurrency(cluster: ClusterConfig) -> int:
+    if cluster.max_concurrent_trials:
+        return int(cluster.max_concurrent_trials)
+    res = ray.cluster_resources()
+    n = math.floor(res.get("CPU", 1) / max(cluster.trial_cpus, 1e-9))
+    if cluster.worker_gpus:
+        n = min(n, math.floor(res.get("GPU", 0) / cluster.worker_gpus))
+    return max(1, n)
+
+
+def _scheduler(search: SearchConfig, n_chunks: int, min_chunks: int):
+    from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
+
+    if search.scheduler == "none":
+        return None
+    if search.scheduler == "asha":
+        return ASHAScheduler(time_attr="training_iteration", max_t=max(n_chunks, 1),
+                             grace_period=max(1, min(min_chunks, n_chunks)), reduction_factor=2)
+    if search.scheduler == "median":
+        return MedianStoppingRule(time_attr="training_iteration", grace_period=max(1, min_chunks),
+                                  min_samples_required=2)
+    raise UserError(f"search.scheduler must be none, asha or median, not {search.scheduler!r}")
+
+
+def run_trials(trainable, *, search: SearchConfig, cluster: ClusterConfig, storage_path: Path,
+               grid: list[dict] | None, space=None, n_chunks: int, min_chunks: int,
+               callbacks: list | None = None, resume: bool = True) -> TuneOutcome:
+    """Run ``trainable`` over ``grid`` (every config) or ``space`` (Optuna, ``search.num_samples``)."""
+    storage_path = Path(storage_path).resolve()
+    exp_path = storage_path / EXPERIMENT_NAME
+    wrapped = tune.with_resources(trainable, trial_resources(cluster))
+    resumed = False
+    if resume and tune.Tuner.can_restore(str(exp_path)):
+        tuner = tune.Tuner.restore(str(exp_path), trainable=wrapped, resume_unfinished=True,
+                                   resume_errored=True)
+        resumed = True
+    else:
+        run_config = tune.RunConfig(
+            name=EXPERIMENT_NAME, storage_path=str(storage_path), verbose=0,
+            failure_config=tune.FailureConfig(max_failures=cluster.max_failures),
+            callbacks=callbacks or [])
+        if grid is not None:
+            tune_config = tune.TuneConfig(metric="objective", mode="min", num_samples=1,
+                                          max_concurrent_trials=concurrency(cluster),
+                                          scheduler=_scheduler(search, n_chunks, min_chunks))
+            param_space = {"cfg": tune.grid_search(grid)}
+        else:
+            import optuna
+            from ray.tune.search.optuna import OptunaSearch
+
+            searcher = OptunaSearch(space=space, metric="objective", mode="min", seed=search.seed,
+                                    sampler=optuna.samplers.TPESampler(seed=search.seed,
+                                                                       n_startup_trials=min(4, search.num_samples)))
+            tune_config = tune.TuneConfig(metric="objective", mode="min", search_alg=searcher,
+                                          num_samples=search.num_samples,
+                                          max_concurrent_trials=concurrency(cluster),
+                                          scheduler=_scheduler(search, n_chunks, min_chunks))
+            param_space = None
+        tuner = tune.Tuner(wrapped, tune_config=tune_config, run_config=run_config,
+                           **({"param_space": param_space} if param_space is not None else {}))
+    results = tuner.fit()
+    rows, history, errors = [], [], []
+    for r in results:
+        config = dict(r.config.get("cfg", r.config)) if r.config else {}
+        if r.error is not None:
+            lines = [ln for ln in str(r.error).splitlines() if ln.strip()]
+            errors.append(f"{config}: {lines[-1] if lines else type(r.error).__name__}")
+        metrics = dict(r.metrics or {})
+        if "label" not in metrics:  # failed before its first report
+            continue
+        if metrics.get("stop_reason") == "running":
+            metrics["stop_reason"] = "scheduler"
+        metrics["trial_id"] = metrics.get("trial_id") or (r.path and Path(r.path).name)
+        rows.append({**{f"config.{k}": v for k, v in config.items()}, **metrics})
+        df = r.metrics_dataframe
+        if df is not None and len(df):
+            for rec in df.to_dict("records"):
+                rec["trial_id"] = metrics["trial_id"]
+                history.append(rec)
+    return TuneOutcome(rows=rows, history=history, errors=errors, resumed=resumed, experiment_path=str(exp_path))

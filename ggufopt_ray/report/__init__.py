@@ -1,0 +1,1 @@
+"""Results tables (Parquet/CSV/Markdown), plots and the HTML report of a sweep."""

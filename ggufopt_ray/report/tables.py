@@ -1,0 +1,102 @@
+"""One row per trial, the best row and the Pareto front, written as Parquet, CSV and JSON.
+
+Every row carries what produced it (fingerprints, versions, runtime settings, seeds) so a number
+in a table can always be traced back. The Pareto front is over size (bits per weight) and
+quality (the composite KLD score): a candidate is on it when no other is both smaller and closer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+PARETO_X = "bits_per_weight"
+PARETO_Y = "composite"
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(float(x))
+
+
+def pareto_front(rows: list[dict], x: str = PARETO_X, y: str = PARETO_Y) -> list[dict]:
+    """Rows not dominated in (x, y), both minimised; sorted by x."""
+    pts = [r for r in rows if _finite(r.get(x)) and _finite(r.get(y))]
+    pts.sort(key=lambda r: (r[x], r[y]))
+    front, best_y = [], math.inf
+    for r in pts:
+        if r[y] < best_y:
+            front.append(r)
+            best_y = r[y]
+    return front
+
+
+def _write_table(rows: list[dict], path_stem: Path) -> None:
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    for col in df.columns:  # Parquet needs one type per column
+        if df[col].dtype == object:
+            df[col] = df[col].map(lambda v: v if isinstance(v, str) or v is None else json.dumps(v, default=str))
+    tmp_pq = path_stem.with_name(path_stem.name + ".parquet.partial")
+    df.to_parquet(tmp_pq, index=False)
+    tmp_pq.replace(path_stem.with_suffix(".parquet"))
+    tmp_csv = path_stem.with_name(path_stem.name + ".csv.partial")
+    df.to_csv(tmp_csv, index=False)
+    tmp_csv.replace(path_stem.with_suffix(".csv"))
+
+
+def finalize_results(rows: list[dict], history: list[dict], output_dir: Path, provenance: dict,
+                     bub: bool = False) -> tuple[list[dict], dict | None, list[dict]]:
+    """Add provenance, pick the best row and the Pareto set, write everything under output_dir."""
+    output_dir = Path(output_dir)
+    rows = [{**r, **{f"prov.{k}": v for k, v in provenance.items()}} for r in rows]
+    if bub:
+        ok = [r for r in rows if _finite(r.get("tokens_per_s"))]
+        best = max(ok, key=lambda r: r["tokens_per_s"]) if ok else None
+        pareto: list[dict] = []
+        rows.sort(key=lambda r: -(r.get("tokens_per_s") or 0))
+    else:
+        ok = [r for r in rows if _finite(r.get("objective")) and r.get("stop_reason") != "over_size_budget"]
+        best = min(ok, key=lambda r: r["objective"]) if ok else None
+        pareto = pareto_front(ok)
+        rows.sort(key=lambda r: (-(r.get("bits_per_weight") or 0), r.get("label", "")))
+    if rows:
+        _write_table(rows, output_dir / "results")
+    if history:
+        keep = [{k: v for k, v in h.items() if isinstance(v, (int, float, str, bool)) or v is None} for h in history]
+        _write_table(keep, output_dir / "chunks")
+    if pareto:
+        _write_table(pareto, output_dir / "pareto")
+    (output_dir / "best.json").write_text(json.dumps(best, indent=2, default=str))
+    return rows, best, pareto
+
+
+def _fmt(x, spec=".4f") -> str:
+    return format(float(x), spec) if _finite(x) else "-"
+
+
+def format_results_table(rows: list[dict], bub: bool = False) -> str:
+    """A fixed-width table a person can read in a terminal (also valid Markdown)."""
+    if not rows:
+        return "(no results)"
+    if bub:
+        head = "| n_batch | n_ubatch | tokens/s | chunks |"
+        lines = [head, "|---:|---:|---:|---:|"]
+        for r in rows:
+            lines.append(f"| {r.get('n_batch')} | {r.get('n_ubatch')} | {_fmt(r.get('tokens_per_s'), '.1f')} | {r.get('chunks')} |")
+        return "\n".join(lines)
+    head = ("| candidate | bpw | size MiB | KLD mean ± SE | median | p99 | composite [95% CI] | same top | "
+            "ln PPL ratio | chunks | stop |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        size = r.get("size_bytes")
+        lines.append(
+            f"| {r.get('label')} | {_fmt(r.get('bits_per_weight'), '.3f')} | "
+            f"{_fmt(size / 2**20 if _finite(size) else None, '.2f')} | "
+            f"{_fmt(r.get('kld_mean'), '.5f')} ± {_fmt(r.get('kld_mean_se'), '.5f')} | "
+            f"{_fmt(r.get('kld_median'), '.5f')} | {_fmt(r.get('kld_p99'), '.5f')} | "
+            f"{_fmt(r.get('composite'), '.5f')} [{_fmt(r.get('composite_lo'), '.5f')}, {_fmt(r.get('composite_hi'), '.5f')}] | "
+            f"{_fmt(100 * r['same_top'] if _finite(r.get('same_top')) else None, '.2f')}% | "
+            f"{_fmt(r.get('ln_ppl_ratio'), '+.5f')} | {r.get('chunks')} | {r.get('stop_reason')} |")
+    return "\n".join(lines)

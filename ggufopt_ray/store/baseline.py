@@ -1,0 +1,96 @@
+"""The baseline store: per chunk, the token ids and the baseline's encoded log-probabilities.
+
+A store belongs to exactly one (model, evaluation chunks, n_ctx, encoding, scored positions)
+identity, recorded in its header with the runtime settings and llama.cpp version that produced
+it. Opening it with a different identity is refused rather than mixing chunks. Chunks commit
+atomically (see ``chunkdir``), so a killed writer loses at most the chunk in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ggufopt_ray.errors import UserError
+from ggufopt_ray.store.chunkdir import ChunkDirectory
+
+IDENTITY_KEYS = ("model_fingerprint", "vocab_fingerprint", "corpus_fingerprint", "n_ctx", "n_vocab",
+                 "encoding", "encoding_params", "first", "n_chunks")
+_PAYLOAD_PREFIX = "enc__"
+
+
+def baseline_identity(header: dict) -> str:
+    """Stable id of what a baseline store holds (its identity fields only)."""
+    ident = {k: header.get(k) for k in IDENTITY_KEYS}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class BaselineStore:
+    def __init__(self, root: str | Path):
+        self.dir = ChunkDirectory(root, kind="baseline")
+        self.header: dict = {}
+
+    @property
+    def root(self) -> Path:
+        return self.dir.root
+
+    @classmethod
+    def open(cls, root: str | Path) -> "BaselineStore":
+        store = cls(root)
+        store.header = store.dir.read_header()
+        return store
+
+    @classmethod
+    def create_or_open(cls, root: str | Path, header: dict, overwrite: bool = False) -> "BaselineStore":
+        """Create with ``header`` or reopen an identical one; a different identity is refused."""
+        store = cls(root)
+        if overwrite:
+            store.dir.remove()
+        missing = [k for k in IDENTITY_KEYS if k not in header]
+        if missing:
+            raise ValueError(f"baseline header lacks {missing}")
+        header = {**header, "baseline_id": baseline_identity(header)}
+        store.header = store.dir.create_or_check(header, IDENTITY_KEYS)
+        return store
+
+    @property
+    def baseline_id(self) -> str:
+        return self.header["baseline_id"]
+
+    @property
+    def n_chunks(self) -> int:
+        return int(self.header["n_chunks"])
+
+    def has(self, index: int) -> bool:
+        return self.dir.has(index)
+
+    def committed(self) -> list[int]:
+        return self.dir.committed()
+
+    def complete(self) -> bool:
+        return self.dir.first_missing(0, self.n_chunks) is None
+
+    def write_payload(self, index: int, tokens: np.ndarray, payload: dict) -> None:
+        if not 0 <= index < self.n_chunks:
+            raise UserError(f"chunk {index} is outside this store's {self.n_chunks} chunks")
+        arrays = {"tokens": np.asarray(tokens, dtype=np.int32)}
+        arrays.update({_PAYLOAD_PREFIX + k: np.asarray(v) for k, v in payload.items()})
+        self.dir.write_chunk(index, arrays, {"n_tokens": int(len(tokens))})
+
+    def read_payload(self, index: int) -> dict:
+        arrays, _ = self.dir.read_chunk(index)
+        return {k[len(_PAYLOAD_PREFIX):]: v for k, v in arrays.items() if k.startswith(_PAYLOAD_PREFIX)}
+
+    def read_tokens(self, index: int) -> np.ndarray:
+        arrays, _ = self.dir.read_chunk(index, names=["tokens"])
+        return arrays["tokens"]
+
+    def check_tokens(self, index: int, tokens: np.ndarray) -> None:
+        """Refuse a candidate evaluated on other tokens than the baseline's."""
+        stored = self.read_tokens(index)
+        if stored.shape != np.shape(tokens) or not np.array_equal(stored, tokens):
+            raise UserError(f"chunk {index} tokens differ from the baseline's in {self.root}; "
+                            "evaluate the candidate on the baseline's own chunks")

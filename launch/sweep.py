@@ -1,0 +1,40 @@
+"""Run a ggufopt-ray sweep: `python launch/sweep.py [group=option ...] [key=value ...] [-m]`.
+
+Hydra composes conf/config.yaml with one option per group (model, dataset, metrics, search,
+cluster) and any overrides; everything the sweep writes goes under Hydra's run directory.
+Examples:
+    python launch/sweep.py                                   # default sweep on the built-in tiny model
+    python launch/sweep.py search=zfp                        # ZFP rate x dimensionality
+    python launch/sweep.py model=gguf model.path=/m/llama-f16.gguf dataset=local dataset.path='/d/*.txt'
+    python launch/sweep.py -m search=quant_types,zfp         # two experiments, same Ray instance
+    python launch/sweep.py cluster=ray cluster.address=auto  # an existing Ray cluster
+"""
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hydra  # noqa: E402
+
+from ggufopt_ray.config import register_configs  # noqa: E402
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg) -> None:
+    from ggufopt_ray.errors import UserError
+    from ggufopt_ray.sweep import main_from_hydra
+
+    try:
+        main_from_hydra(cfg)
+    except UserError as exc:
+        print(f"sweep: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    main()
