@@ -111,7 +111,13 @@ def validate(cfg: SweepConfig) -> None:
             resolve_file_type(t)
 
 
-def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log=print) -> SweepResult:
+def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log=print,
+              on_baseline_ready=None) -> SweepResult:
+    """Run the sweep of ``cfg``; rerunning with the same ``output_dir`` resumes an interrupted one.
+
+    ``on_baseline_ready(store)`` is called once the baseline chunks are in the object store and
+    before any trial starts (tools use it to archive the store; tests to prove trials never read it).
+    """
     from ggufopt_ray.distributed.baseline import run_baseline
     from ggufopt_ray.distributed.progress import ProgressLine
     from ggufopt_ray.distributed.runtime import start_ray
@@ -167,13 +173,15 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
         baseline_meta.update(computed=base.computed, loaded=base.loaded, seconds=round(base.seconds, 3),
                              worker_nodes=base.worker_nodes)
         log(f"baseline {base.computed} chunks computed, {base.loaded} loaded from {store.root}")
+        if on_baseline_ready is not None:
+            on_baseline_ready(store)
 
     ctx = TrialContext(base_model=str(model_path), model_fp=model_fp, settings=settings, tokens=list(ev.chunks),
                        baseline_refs=refs, baseline_id=store.baseline_id, encoding=cfg.metrics.encoding,
                        first=first, metrics=cfg.metrics, search=cfg.search, cluster=cfg.cluster,
                        cache_dir=str(cache), calib_tokens=list(cal.chunks) if cal else [],
                        calib_fingerprint=cal.fingerprint if cal else "", versions=ver,
-                       trial_cpus=cfg.cluster.trial_cpus)
+                       trial_cpus=cfg.cluster.trial_cpus, events_path=str(output_dir / "events.jsonl"))
     n_calib = len(cal) if cal else 0
     grid = space = None
     if cfg.search.mode == "grid":

@@ -25,3 +25,31 @@ def tiny_model_f16(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("models") / "tiny-seed0-f16.gguf"
     return write_synthetic_model(path, SynthSpec(seed=0, dtype="f16"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole test session (starting Ray costs ~8-10 s here)."""
+    import ray
+
+    from ggufopt_ray.config import ClusterConfig
+    from ggufopt_ray.distributed.runtime import start_ray
+
+    info = start_ray(ClusterConfig(num_cpus=2, dashboard=False))
+    yield info
+    ray.shutdown()
+
+
+def small_sweep_config(cache_dir, **search):
+    """A sweep config sized for tests: 4 evaluation chunks of 128 tokens, 2 concurrent trials."""
+    from ggufopt_ray.config import SweepConfig
+
+    cfg = SweepConfig()
+    cfg.cache_dir = str(cache_dir)
+    cfg.model.n_ctx = cfg.model.n_batch = cfg.model.n_ubatch = 128
+    cfg.dataset.eval_chunks, cfg.dataset.calib_chunks = 4, 2
+    cfg.metrics.early_stopping = False
+    cfg.cluster.num_cpus, cfg.cluster.dashboard, cfg.cluster.max_concurrent_trials = 2, False, 2
+    for key, value in search.items():
+        setattr(cfg.search, key, value)
+    return cfg

@@ -23,6 +23,9 @@ _ENV_DEFAULTS = {
     "RAY_CHDIR_TO_TRIAL_DIR": "0",
     "RAY_DEDUP_LOGS": "1",
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+    # Snapshot the experiment state every 2 s (it is a few KB): a killed driver then loses at most
+    # 2 s of bookkeeping, and finished trials are known as finished on resume.
+    "TUNE_GLOBAL_CHECKPOINT_S": "2",
     "RAY_AIR_NEW_OUTPUT": "0",  # the legacy reporter honours verbose=0; our own progress line reports
 }
 

@@ -69,7 +69,9 @@ def task_options(cluster: ClusterConfig, name: str) -> dict:
     deadlock when every CPU is held by a waiting trial. ``task_resources`` (e.g.
     ``{cpu_node: 0.01}``) still pins the work to a node group.
     """
-    opts: dict = {"name": name, "num_cpus": cluster.task_cpus}
+    # "DEFAULT" lets the task leave the trial's placement group (Tune captures child tasks into
+    # it otherwise), so it can run on another node group.
+    opts: dict = {"name": name, "num_cpus": cluster.task_cpus, "scheduling_strategy": "DEFAULT"}
     if cluster.task_resources:
         opts["resources"] = dict(cluster.task_resources)
     return opts

@@ -45,6 +45,20 @@ class TrialContext:
     calib_fingerprint: str = ""
     versions: dict = field(default_factory=dict)
     trial_cpus: float = 1.0
+    events_path: str = ""  # append-only journal of what ran where (JSON lines)
+
+
+def log_event(ctx: TrialContext, event: str, **fields) -> None:
+    """Append one JSON line to the sweep's event journal (O_APPEND: safe across processes)."""
+    if not ctx.events_path:
+        return
+    rec = {"t": time.time(), "event": event, "pid": os.getpid(), **fields}
+    line = (json.dumps(rec, default=str) + "\n").encode()
+    fd = os.open(ctx.events_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
 
 
 def _imatrix_path(ctx: TrialContext, n_chunks: int) -> str:
@@ -92,12 +106,14 @@ def quality_trial(config: dict, ctx: TrialContext) -> None:
     recipe = recipe_from_config(config, ctx.search)
     base_row = {"label": recipe.label(), "recipe": json.dumps(recipe.to_dict(), sort_keys=True),
                 "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+    log_event(ctx, "trial_start", label=recipe.label())
     over = _over_budget(recipe, ctx)
     if over is not None:
         tune.report({**base_row, **over, "stop_reason": "over_size_budget", "chunks": 0,
                      "objective": 1e9, "done_eval": True})
         return
     cand = prepare_candidate(recipe, ctx)
+    log_event(ctx, "candidate", label=recipe.label(), cached=bool(cand["cached"]), node_id=cand.get("node_id"))
     t_built = time.perf_counter()
     store = ResultsStore.create_or_open(_results_root(ctx, cand), {
         "baseline_id": ctx.baseline_id, "candidate": cand["recipe"], "imatrix_hash": cand.get("imatrix_hash"),
@@ -107,6 +123,7 @@ def quality_trial(config: dict, ctx: TrialContext) -> None:
     engine = None
     per_chunk: list[dict] = []
     from_object_store = 0
+    computed = 0
     reason = "all_chunks"
     try:
         for i, tokens in enumerate(ctx.tokens):
@@ -119,6 +136,8 @@ def quality_trial(config: dict, ctx: TrialContext) -> None:
                 from_object_store += 1
                 metrics = compare_chunk(engine, tokens, payload, ctx.encoding, ctx.first)
                 store.write(i, metrics)
+                computed += 1
+                log_event(ctx, "chunk", label=recipe.label(), chunk=i)
             per_chunk.append(metrics)
             summary = summarize(per_chunk)
             stop, why = stop_decision(per_chunk, ctx.metrics)
@@ -129,7 +148,8 @@ def quality_trial(config: dict, ctx: TrialContext) -> None:
                    "bits_per_weight": cand["bits_per_weight"], "size_bytes": cand["size_bytes"],
                    "candidate_cached": cand["cached"], "build_seconds": cand["build_seconds"],
                    "imatrix_hash": cand.get("imatrix_hash") or "",
-                   "baseline_chunks_from_object_store": from_object_store,
+                   "baseline_chunks_from_object_store": from_object_store, "chunks_computed": computed,
+                   "candidate_path": cand["path"], "build_node_id": cand.get("node_id", ""),
                    "eval_seconds": time.perf_counter() - t_built, "trial_seconds": time.perf_counter() - t_start,
                    "stop_reason": reason if (stop or last) else "running", "done_eval": bool(stop or last),
                    "objective": _objective(summary, cand, ctx)}
@@ -137,6 +157,7 @@ def quality_trial(config: dict, ctx: TrialContext) -> None:
             tune.report(row)
             if stop:
                 break
+        log_event(ctx, "trial_done", label=recipe.label(), chunks=len(per_chunk), computed=computed)
     finally:
         if engine is not None:
             engine.close()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import ray
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback
 
 from ggufopt_ray.config import ClusterConfig, SearchConfig
 from ggufopt_ray.errors import UserError
@@ -79,7 +80,8 @@ def run_trials(trainable, *, search: SearchConfig, cluster: ClusterConfig, stora
         run_config = tune.RunConfig(
             name=EXPERIMENT_NAME, storage_path=str(storage_path), verbose=0,
             failure_config=tune.FailureConfig(max_failures=cluster.max_failures),
-            callbacks=callbacks or [])
+            # The CSV logger keeps every per-chunk report on disk (curves survive a resume).
+            callbacks=[CSVLoggerCallback(), *(callbacks or [])])
         if grid is not None:
             tune_config = tune.TuneConfig(metric="objective", mode="min", num_samples=1,
                                           max_concurrent_trials=concurrency(cluster),

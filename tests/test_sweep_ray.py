@@ -1,0 +1,95 @@
+"""The distributed sweep on a real local Ray: same numbers as one machine, baseline once."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import small_sweep_config
+
+TYPES = ["Q8_0", "Q6_K", "Q4_K_M", "Q4_0"]
+STATS = ["kld_mean", "kld_median", "kld_p90", "kld_p95", "kld_p99", "kld_max", "same_top", "delta_p_rms",
+         "ppl_base", "ppl_cand", "ln_ppl_ratio", "composite"]
+
+
+@pytest.fixture(scope="module")
+def sweep_run(ray_local, tmp_path_factory):
+    from ggufopt_ray.sweep import run_sweep
+
+    root = tmp_path_factory.mktemp("sweep")
+    cfg = small_sweep_config(root / "cache", types=TYPES)
+    removed = []
+
+    def drop_store(store):
+        # Trials must never read the baseline file: it is gone before the first trial starts.
+        shutil.rmtree(store.root)
+        removed.append(str(store.root))
+
+    result = run_sweep(cfg, root / "out", on_baseline_ready=drop_store, log=lambda *a: None)
+    return cfg, result, removed, root
+
+
+def test_every_type_has_one_row_and_order_is_plausible(sweep_run):
+    cfg, result, removed, root = sweep_run
+    assert not result.errors
+    labels = sorted(r["label"] for r in result.rows)
+    assert labels == sorted(TYPES)
+    by = {r["label"]: r for r in result.rows}
+    for r in result.rows:
+        assert r["chunks"] == 4 and r["stop_reason"] == "all_chunks"
+    assert by["Q8_0"]["kld_mean"] < by["Q6_K"]["kld_mean"] < by["Q4_K_M"]["kld_mean"]
+    assert by["Q8_0"]["bits_per_weight"] > by["Q4_0"]["bits_per_weight"]
+    assert (root / "out" / "results.parquet").exists() and (root / "out" / "results.csv").exists()
+    assert json.loads((root / "out" / "best.json").read_text())["label"] == "Q8_0"
+
+
+def test_baseline_computed_once_and_read_from_object_store(sweep_run):
+    cfg, result, removed, root = sweep_run
+    assert result.baseline["computed"] == 4 and result.baseline["loaded"] == 0
+    assert removed, "the baseline store was removed before the trials"
+    for r in result.rows:
+        # Every chunk of every trial came from the object store; the file was already deleted.
+        assert r["baseline_chunks_from_object_store"] == 4 == r["chunks_computed"]
+
+
+def test_distributed_numbers_equal_single_machine(sweep_run, tiny_model):
+    from ggufopt_ray.engine import LogitsEngine, RuntimeSettings
+    from ggufopt_ray.evaluation import baseline_payload, compare_chunk, summarize
+    from ggufopt_ray.sweep import prepare_data, resolve_model
+
+    cfg, result, removed, root = sweep_run
+    cache = root / "cache"
+    model = resolve_model(cfg, cache)
+    ev, _ = prepare_data(cfg, model, cache)
+    settings = RuntimeSettings(n_ctx=128, n_batch=128, n_ubatch=128, n_threads=1)
+    first = 64
+    with LogitsEngine(model, settings) as base:
+        payloads = [baseline_payload(base, c, "exact", first) for c in ev.chunks]
+    for row in result.rows:
+        with LogitsEngine(row["candidate_path"], settings) as cand:
+            per_chunk = [compare_chunk(cand, c, p, "exact", first) for c, p in zip(ev.chunks, payloads)]
+        single = summarize(per_chunk)
+        for key in STATS:
+            np.testing.assert_allclose(row[key], single[key], rtol=1e-6, err_msg=f"{row['label']} {key}")
+        print(f"{row['label']}: distributed KLD mean {row['kld_mean']:.6f} = single machine {single['kld_mean']:.6f}")
+
+
+def test_second_sweep_reuses_baseline_candidates_and_results(sweep_run):
+    from ggufopt_ray.sweep import run_sweep
+
+    cfg, first, removed, root = sweep_run
+    second = run_sweep(cfg, root / "out2", log=lambda *a: None)
+    # The first run's store was deleted on purpose, so this run recomputes it once...
+    assert second.baseline["computed"] == 4
+    third = run_sweep(cfg, root / "out3", log=lambda *a: None)
+    # ...and a third run on the same inputs computes nothing: same fingerprint, same store.
+    assert third.baseline["computed"] == 0 and third.baseline["loaded"] == 4
+    for r in third.rows:
+        assert r["candidate_cached"] is True or r["candidate_cached"] == 1
+        assert r["chunks_computed"] == 0
+    a = {r["label"]: r["kld_mean"] for r in first.rows}
+    b = {r["label"]: r["kld_mean"] for r in third.rows}
+    assert a == pytest.approx(b, rel=1e-6)
