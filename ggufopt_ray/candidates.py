@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +35,15 @@ class Recipe:
     zfp_dims: int = 2
 
     def label(self) -> str:
-        """Short readable name for tables and file names."""
+        """Readable name for tables: the type, then each override as group=TYPE."""
+        if self.kind != "quant" or not self.overrides:
+            return self.file_label()
+        base = self.file_label().replace(
+            "-mix" + hashlib.sha1("|".join(self.overrides).encode()).hexdigest()[:6], "")
+        return base + "[" + ", ".join(describe_override(o) for o in self.overrides) + "]"
+
+    def file_label(self) -> str:
+        """Short name safe in file names (overrides appear as a hash)."""
         if self.kind == "base":
             return "base"
         if self.kind == "zfp":
@@ -76,6 +85,17 @@ class Recipe:
             raise UserError("a zfp recipe needs a mode: rate, precision, accuracy or reversible")
 
 
+def describe_override(override: str) -> str:
+    """``blk\\.(0)\\..*(attn_v|ffn_down)\\.weight=Q6_K`` -> ``blk0:attn_v|ffn_down=Q6_K``."""
+    pattern, _, qtype = override.rpartition("=")
+    text = pattern.replace("\\.weight", "").replace("^", "").replace("\\.", ".")
+    m = re.match(r"blk\.\(([\d|]+)\)\.\.\*(.*)$", text)
+    if m:
+        text = f"blk{m.group(1)}:{m.group(2)}"
+    text = re.sub(r"\((.*)\)", r"\1", text).replace("attn_q|output", "attn_q|attn_output")
+    return f"{text}={qtype}"
+
+
 @dataclass
 class Candidate:
     recipe: Recipe
@@ -95,7 +115,7 @@ class Candidate:
 
 def candidate_path(cache_dir: str | Path, model_fp: str, recipe: Recipe, imatrix_hash: str | None) -> Path:
     ident = hashlib.sha256(f"{model_fp}|{recipe.key()}|{imatrix_hash or ''}".encode()).hexdigest()[:16]
-    return Path(cache_dir) / "candidates" / model_fp / f"{recipe.label()}-{ident}.gguf"
+    return Path(cache_dir) / "candidates" / model_fp / f"{recipe.file_label()}-{ident}.gguf"
 
 
 def _zfp_config(recipe: Recipe):

@@ -62,6 +62,9 @@ class SearchConfig:
     target_bpw: Optional[float] = None  # quant_mix: size budget in bits per weight
     base_type: str = "Q4_K_M"  # quant_mix: the plain type the mixes start from
     mix_types: list[str] = field(default_factory=lambda: ["Q4_K", "Q5_K", "Q6_K", "Q8_0"])
+    mix_groups: list[str] = field(default_factory=lambda: [  # tensor groups a mix may change
+        "attn_v", "attn_k", "attn_qo", "ffn_down", "ffn_up_gate", "output", "token_embd",
+        "first_layers", "last_layers"])
     imatrix_chunks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     imatrix_gain_threshold: float = 0.01
     zfp_modes: list[str] = field(default_factory=lambda: ["rate"])

@@ -93,3 +93,42 @@ def test_second_sweep_reuses_baseline_candidates_and_results(sweep_run):
     a = {r["label"]: r["kld_mean"] for r in first.rows}
     b = {r["label"]: r["kld_mean"] for r in third.rows}
     assert a == pytest.approx(b, rel=1e-6)
+
+
+def test_per_tensor_mix_search_beats_the_plain_type(ray_local, tmp_path):
+    from ggufopt_ray.sweep import run_sweep
+
+    cfg = small_sweep_config(tmp_path / "cache", name="quant_mix", base_type="Q4_K_M",
+                             mix_groups=["attn_v", "ffn_down", "first_layers"], mix_types=["Q5_K", "Q6_K"])
+    cfg.dataset.eval_chunks = 2
+    result = run_sweep(cfg, tmp_path / "out", log=lambda *a: None)
+    assert not result.errors
+    plain = [r for r in result.rows if r["label"] == "Q4_K_M"]
+    assert len(plain) == 1 and len(result.rows) == 7
+    plain = plain[0]
+    better = [r for r in result.rows if r["label"] != "Q4_K_M" and r["bits_per_weight"] <= plain["bits_per_weight"]
+              and r["kld_mean"] < plain["kld_mean"]]
+    for r in sorted(result.rows, key=lambda r: r["kld_mean"]):
+        print(f"{r['label']:<60} {r['bits_per_weight']:.4f} bpw  KLD {r['kld_mean']:.5f}")
+    assert better, "no mix at or under the plain type's size has a lower KLD"
+    best = min(better, key=lambda r: r["kld_mean"])
+    print(f"best mix {best['label']}: {best['bits_per_weight']:.4f} bpw, KLD {best['kld_mean']:.5f} "
+          f"vs plain Q4_K_M {plain['bits_per_weight']:.4f} bpw, KLD {plain['kld_mean']:.5f}")
+
+
+def test_optuna_search_with_size_budget(ray_local, tmp_path):
+    from ggufopt_ray.sweep import run_sweep
+
+    cfg = small_sweep_config(tmp_path / "cache", name="quant_mix", mode="optuna", num_samples=4, base_type="Q4_K_M",
+                             mix_groups=["attn_v", "ffn_down", "token_embd"], mix_types=["Q5_K", "Q8_0"],
+                             target_bpw=5.0)
+    cfg.dataset.eval_chunks = 2
+    result = run_sweep(cfg, tmp_path / "out", log=lambda *a: None)
+    assert not result.errors and len(result.rows) == 4
+    for r in result.rows:
+        if r["stop_reason"] == "over_size_budget":
+            assert r["bits_per_weight"] > 5.0 and r["chunks"] == 0
+        else:
+            assert r["bits_per_weight"] <= 5.0 and r["chunks"] == 2
+    if result.best is not None:
+        assert result.best["bits_per_weight"] <= 5.0

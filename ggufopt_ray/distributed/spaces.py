@@ -30,6 +30,18 @@ MIX_GROUPS = {
 KEEP = "base"  # a group left to the base type's own rules
 
 
+LAYER_GROUPS = ("first_layers", "last_layers")
+
+
+def mix_groups(search: SearchConfig) -> list[str]:
+    groups = list(search.mix_groups)
+    unknown = [g for g in groups if g not in MIX_GROUPS and g not in LAYER_GROUPS]
+    if unknown:
+        raise UserError(f"unknown tensor group(s) {unknown} in search.mix_groups; "
+                        f"use {', '.join(list(MIX_GROUPS) + list(LAYER_GROUPS))}")
+    return groups
+
+
 def layer_range_pattern(layers: list[int]) -> str:
     return r"blk\.(" + "|".join(str(i) for i in layers) + r")\."
 
@@ -96,7 +108,7 @@ def grid_configs(search: SearchConfig, n_layer: int, n_ctx: int, n_calib: int) -
     if name == "quant_mix":
         # The plain base type, then each tensor group raised to each higher type on its own.
         out = [{"ftype": search.base_type, "n_layer": n_layer, "imatrix_chunks": imx}]
-        for group in list(MIX_GROUPS) + ["first_layers", "last_layers"]:
+        for group in mix_groups(search):
             for t in search.mix_types:
                 out.append({"ftype": search.base_type, "n_layer": n_layer, f"mix_{group}": t, "imatrix_chunks": imx})
         return out
@@ -111,9 +123,10 @@ def space_quant_types(trial, types: list[str], imatrix_chunks: int):
     return {"imatrix_chunks": imatrix_chunks}
 
 
-def space_quant_mix(trial, base_type: str, mix_types: list[str], n_layer: int, imatrix_chunks: int):
+def space_quant_mix(trial, base_type: str, mix_types: list[str], n_layer: int, imatrix_chunks: int,
+                    groups: list[str]):
     choices = [KEEP] + list(mix_types)
-    for group in list(MIX_GROUPS) + ["first_layers", "last_layers"]:
+    for group in groups:
         trial.suggest_categorical(f"mix_{group}", choices)
     return {"ftype": base_type, "n_layer": n_layer, "imatrix_chunks": imatrix_chunks}
 
@@ -151,7 +164,7 @@ def optuna_space(search: SearchConfig, n_layer: int, n_ctx: int, n_calib: int):
         return partial(space_quant_types, types=list(search.types), imatrix_chunks=imx)
     if name == "quant_mix":
         return partial(space_quant_mix, base_type=search.base_type, mix_types=list(search.mix_types),
-                       n_layer=n_layer, imatrix_chunks=imx)
+                       n_layer=n_layer, imatrix_chunks=imx, groups=mix_groups(search))
     if name == "imatrix_size":
         return partial(space_imatrix_size, base_type=search.base_type,
                        sizes=[0] + [k for k in search.imatrix_chunks if 0 < k <= n_calib])

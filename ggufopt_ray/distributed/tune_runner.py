@@ -91,6 +91,8 @@ def run_trials(trainable, *, search: SearchConfig, cluster: ClusterConfig, stora
             import optuna
             from ray.tune.search.optuna import OptunaSearch
 
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+
             searcher = OptunaSearch(space=space, metric="objective", mode="min", seed=search.seed,
                                     sampler=optuna.samplers.TPESampler(seed=search.seed,
                                                                        n_startup_trials=min(4, search.num_samples)))
