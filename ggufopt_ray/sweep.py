@@ -192,9 +192,11 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
     from ray import tune
 
     trainable = tune.with_parameters(bub_trial if is_bub else quality_trial, ctx=ctx)
+    t_trials = time.perf_counter()
     outcome = run_trials(trainable, search=cfg.search, cluster=cfg.cluster, storage_path=output_dir / "ray_results",
                          grid=grid, space=space, n_chunks=len(ev), min_chunks=cfg.metrics.min_chunks,
                          callbacks=[ProgressLine(total, len(ev))], resume=resume)
+    baseline_meta["trials_seconds"] = round(time.perf_counter() - t_trials, 3)
     provenance = {"model": str(model_path), "model_fingerprint": model_fp,
                   "vocab_fingerprint": info.vocab_fingerprint, "corpus_fingerprint": ev.fingerprint,
                   "dataset_fingerprint": ev.dataset_fingerprint, "baseline_id": store.baseline_id,
