@@ -29,7 +29,9 @@ def baseline_payload(engine, tokens: np.ndarray, encoding: str, first: int) -> d
     from ggufopt_ray.metrics.kld import log_softmax
 
     logits = engine.logits(tokens)
-    return get_encoding(encoding).encode(log_softmax(logits[scored_rows(len(tokens), first)]))
+    # The reference tokens go in too: encodings keep their exact baseline log-prob (for NLL, Δp).
+    return get_encoding(encoding).encode(log_softmax(logits[scored_rows(len(tokens), first)]),
+                                         np.asarray(tokens)[first + 1:])
 
 
 def compare_logits(rows: np.ndarray, tokens: np.ndarray, payload: dict, encoding: str, first: int) -> dict:

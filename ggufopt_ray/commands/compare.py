@@ -46,7 +46,7 @@ def run(args) -> int:
         if hb.get(key) != hc.get(key):
             raise UserError(f"the stores differ in {key} ({hb.get(key)!r} vs {hc.get(key)!r}); "
                             "compute the candidate on the baseline's chunks with the same settings")
-    if not get_encoding(hc["encoding"]).lossless_logprobs:
+    if hc["encoding"] not in ("exact", "float16"):
         raise UserError(f"the candidate store uses the {hc['encoding']!r} encoding, which does not keep full "
                         "log-probs; recompute it with --encoding exact")
     n = base.n_chunks
@@ -67,7 +67,7 @@ def run(args) -> int:
                                 "compute it first or lower --to")
             tokens = base.read_tokens(i)
             cand.check_tokens(i, tokens)
-            rows = get_encoding(hc["encoding"]).decode(cand.read_payload(i))
+            rows = get_encoding(hc["encoding"]).decode_logprobs(cand.read_payload(i), int(hc["n_vocab"]))
             metrics = compare_logits(rows, tokens, base.read_payload(i), hb["encoding"], int(hb["first"]))
             results.write(i, metrics)
         per_chunk.append(metrics)

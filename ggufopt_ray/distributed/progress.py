@@ -14,7 +14,7 @@ class ProgressLine(Callback):
     def __init__(self, total_trials: int | None, chunks_per_trial: int, stream=None):
         self.total = total_trials
         self.chunks_per_trial = chunks_per_trial
-        self.stream = stream or sys.stderr
+        self._stream = stream  # None: sys.stderr at write time (Tune pickles callbacks; streams do not pickle)
         self.started = time.monotonic()
         self.chunks = 0
         self.done = 0
@@ -22,7 +22,19 @@ class ProgressLine(Callback):
         self.early = 0
         self.running: set[str] = set()
         self._last = 0.0
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    @property
+    def stream(self):
+        return self._stream or sys.stderr
+
+    @property
+    def tty(self) -> bool:
+        return hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_stream"] = None
+        return state
 
     def _render(self, final: bool = False) -> None:
         now = time.monotonic()

@@ -150,6 +150,7 @@ def quality_trial(config: dict, ctx: TrialContext) -> None:
                    "imatrix_hash": cand.get("imatrix_hash") or "",
                    "baseline_chunks_from_object_store": from_object_store, "chunks_computed": computed,
                    "candidate_path": cand["path"], "build_node_id": cand.get("node_id", ""),
+                   "results_store": str(store.root),
                    "eval_seconds": time.perf_counter() - t_built, "trial_seconds": time.perf_counter() - t_start,
                    "stop_reason": reason if (stop or last) else "running", "done_eval": bool(stop or last),
                    "objective": _objective(summary, cand, ctx)}

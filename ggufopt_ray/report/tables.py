@@ -46,6 +46,37 @@ def _write_table(rows: list[dict], path_stem: Path) -> None:
     tmp_csv.replace(path_stem.with_suffix(".csv"))
 
 
+def _write_token_values(rows: list[dict], path: Path) -> None:
+    """Per-token KLD of every evaluated trial (float32), so distributions can be plotted from the
+    results folder alone, without the cache."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ggufopt_ray.store.results import ResultsStore
+
+    labels, chunks, kld = [], [], []
+    for r in rows:
+        root = r.get("results_store")
+        if not root or not Path(root).exists() or not r.get("chunks"):
+            continue
+        store = ResultsStore.open(root)
+        for i in range(int(r["chunks"])):
+            if not store.has(i):
+                break
+            values = store.read(i)["kld"].astype(np.float32)
+            kld.append(values)
+            labels += [r["label"]] * len(values)
+            chunks.append(np.full(len(values), i, np.int32))
+    if not kld:
+        return
+    table = pa.table({"label": pa.array(labels, pa.string()), "chunk": pa.array(np.concatenate(chunks)),
+                      "kld": pa.array(np.concatenate(kld))})
+    tmp = path.with_name(path.name + ".partial")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
 def finalize_results(rows: list[dict], history: list[dict], output_dir: Path, provenance: dict,
                      bub: bool = False) -> tuple[list[dict], dict | None, list[dict]]:
     """Add provenance, pick the best row and the Pareto set, write everything under output_dir."""
@@ -68,6 +99,7 @@ def finalize_results(rows: list[dict], history: list[dict], output_dir: Path, pr
         _write_table(keep, output_dir / "chunks")
     if pareto:
         _write_table(pareto, output_dir / "pareto")
+    _write_token_values(rows, output_dir / "tokens.parquet")
     (output_dir / "best.json").write_text(json.dumps(best, indent=2, default=str))
     return rows, best, pareto
 
