@@ -82,6 +82,7 @@ class SweepResult:
     seconds: float
     errors: list[str] = field(default_factory=list)
     resumed: bool = False
+    report: str | None = None
 
 
 def _settings(cfg: SweepConfig) -> dict:
@@ -210,9 +211,14 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
         "baseline": baseline_meta, "provenance": provenance, "errors": outcome.errors,
         "resumed": outcome.resumed, "dashboard_url": ray_info.dashboard_url,
         "seconds": time.perf_counter() - t0}, indent=2, default=str))
+    report = None
+    if (output_dir / "results.parquet").exists():
+        from ggufopt_ray.report.html import write_report
+
+        report = str(write_report(output_dir))
     return SweepResult(output_dir=str(output_dir), rows=rows, best=best, pareto=pareto, baseline=baseline_meta,
                        dashboard_url=ray_info.dashboard_url, seconds=time.perf_counter() - t0,
-                       errors=outcome.errors, resumed=outcome.resumed)
+                       errors=outcome.errors, resumed=outcome.resumed, report=report)
 
 
 def _n_layer(model_path: Path) -> int:
@@ -241,4 +247,6 @@ def main_from_hydra(cfg) -> SweepResult:
         for e in result.errors:
             print(f"  {e}", file=sys.stderr)
     print(f"\nresults in {result.output_dir} ({result.seconds:.0f} s)")
+    if result.report:
+        print(f"report   {result.report}")
     return result

@@ -56,10 +56,12 @@ def _write_token_values(rows: list[dict], path: Path) -> None:
     from ggufopt_ray.store.results import ResultsStore
 
     labels, chunks, kld = [], [], []
+    seen = set()
     for r in rows:
         root = r.get("results_store")
-        if not root or not Path(root).exists() or not r.get("chunks"):
-            continue
+        if not root or root in seen or not Path(root).exists() or not r.get("chunks"):
+            continue  # a candidate evaluated twice (Optuna may repeat a point) counts once
+        seen.add(root)
         store = ResultsStore.open(root)
         for i in range(int(r["chunks"])):
             if not store.has(i):
@@ -69,6 +71,8 @@ def _write_token_values(rows: list[dict], path: Path) -> None:
             labels += [r["label"]] * len(values)
             chunks.append(np.full(len(values), i, np.int32))
     if not kld:
+        if path.exists():
+            path.unlink()  # never leave an earlier run's values looking current
         return
     table = pa.table({"label": pa.array(labels, pa.string()), "chunk": pa.array(np.concatenate(chunks)),
                       "kld": pa.array(np.concatenate(kld))})

@@ -1,0 +1,75 @@
+"""Numbers as a person reads them in the report: values with their uncertainty, to the digits
+that uncertainty justifies.
+
+An uncertainty is shown with two significant digits and its value to the same decimal place
+(``0.001099 ± 0.000018``); very small or very large values share one power of ten
+(``(1.70 ± 0.12)e-5``). An interval is shown as ``value [lo, hi]`` with the digits its width
+justifies. Missing or non-finite numbers print as an en dash.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ggufopt_ray.report.folder import finite
+
+DASH = "–"
+
+
+def _decimals(uncertainty: float) -> int:
+    """Decimal places that show ``uncertainty`` with two significant digits."""
+    return min(12, max(0, 1 - math.floor(math.log10(uncertainty))))
+
+
+def _exponent(value: float) -> int:
+    """Power of ten to factor out, 0 for values that read well as fixed-point."""
+    a = abs(value)
+    if a == 0 or 1e-3 <= a < 1e5:
+        return 0
+    return math.floor(math.log10(a))
+
+
+def fmt_num(x, sig: int = 4) -> str:
+    """A single number with ``sig`` significant digits; thousands separators for big ones."""
+    if not finite(x):
+        return DASH
+    x = float(x)
+    if abs(x) >= 1e4 and abs(x) < 1e15:
+        return f"{x:,.0f}"
+    return f"{x:.{sig}g}"
+
+
+def fmt_pm(value, uncertainty, unit: str = "") -> str:
+    """``value ± uncertainty`` to the digits the uncertainty justifies."""
+    if not finite(value):
+        return DASH
+    value = float(value)
+    if not finite(uncertainty) or float(uncertainty) <= 0:
+        return fmt_num(value) + unit
+    e = _exponent(value)
+    v, u = value / 10**e, float(uncertainty) / 10**e
+    d = _decimals(u)
+    body = f"{v:.{d}f} ± {u:.{d}f}"
+    return f"({body})e{e}{unit}" if e else f"{body}{unit}"
+
+
+def fmt_interval(value, lo, hi) -> str:
+    """``value [lo, hi]`` to the digits the interval's width justifies."""
+    if not finite(value):
+        return DASH
+    value = float(value)
+    if not (finite(lo) and finite(hi)) or float(hi) <= float(lo):
+        return fmt_num(value)
+    e = _exponent(value)
+    s = 10**e
+    d = _decimals((float(hi) - float(lo)) / 3.92 / s)
+    body = f"{value / s:.{d}f} [{float(lo) / s:.{d}f}, {float(hi) / s:.{d}f}]"
+    return f"{body} e{e}" if e else body
+
+
+def fmt_mib(size_bytes) -> str:
+    return f"{float(size_bytes) / 2**20:,.2f}" if finite(size_bytes) else DASH
+
+
+def fmt_int(x) -> str:
+    return f"{int(float(x)):,}" if finite(x) else DASH
