@@ -16,8 +16,8 @@ side by side), plus what a sweep needs to rank candidates honestly:
 
 Token-level standard errors (llama.cpp's) treat tokens as independent. Tokens of one chunk share
 a context and are not, so the overall summary also gives a chunk-level (cluster) standard error
-of the mean and a bootstrap-over-chunks interval for the composite score: these are the honest
-uncertainties when ranking candidates.
+of the mean and a bootstrap-over-chunks interval for the composite score (whole chunks resampled,
+seeded; see ``bootstrap_interval``): these are the honest uncertainties when ranking candidates.
 """
 
 from __future__ import annotations
@@ -163,7 +163,8 @@ def summarize(metrics) -> KLDSummary:
 
 # --------------------------------------------------------------------------- chunk bootstrap
 
-def _chunk_arrays(chunks) -> list[np.ndarray]:
+def kld_arrays(chunks) -> list[np.ndarray]:
+    """Per-chunk float32 KLD arrays from KLD arrays, TokenMetrics or dicts with a "kld" entry."""
     out = []
     for c in chunks:
         if isinstance(c, TokenMetrics):
@@ -186,7 +187,7 @@ def chunk_bootstrap(chunks, statistic: str = "composite", n_boot: int = 1000, se
     """
     if statistic not in STATISTICS:
         raise ValueError(f"unknown statistic {statistic!r}; choose from {', '.join(STATISTICS)}")
-    arrays = [a for a in _chunk_arrays(chunks)]
+    arrays = kld_arrays(chunks)
     n_chunks = len(arrays)
     if n_chunks == 0:
         return np.full(n_boot, np.nan)
@@ -220,11 +221,11 @@ def chunk_bootstrap(chunks, statistic: str = "composite", n_boot: int = 1000, se
         h = fracs[None, :] * (total[:, None] - 1)  # [nb, Q] position in the expanded sequence
         lo = np.floor(h)
         frac = h - lo
-        lo_i = lo.astype(np.int64)
-        i_lo = np.searchsorted(flat, (lo_i + offs).ravel(), side="right").reshape(nb, -1) - offs // stride * n
-        i_hi = np.searchsorted(flat, (lo_i + 1 + offs).ravel(), side="right").reshape(nb, -1) - offs // stride * n
-        i_lo = np.minimum(i_lo, n - 1)
-        i_hi = np.minimum(i_hi, n - 1)
+        lo_i = lo.astype(np.int64) + offs
+        before = np.arange(nb, dtype=np.int64)[:, None] * n  # elements of the earlier replicates
+        # element holding expanded position j = number of elements whose range ends at or before j
+        i_lo = np.minimum(np.searchsorted(flat, lo_i.ravel(), side="right").reshape(nb, -1) - before, n - 1)
+        i_hi = np.minimum(np.searchsorted(flat, (lo_i + 1).ravel(), side="right").reshape(nb, -1) - before, n - 1)
         result[b0:b0 + batch] = (1 - frac) * v[i_lo] + frac * v[i_hi]
     if statistic == "composite":
         return composite_from_quantiles(result[:, 0], result[:, 1], result[:, 2], result[:, 3])
@@ -243,7 +244,7 @@ def bootstrap_interval(chunks, statistic: str = "composite", confidence: float =
     alpha/2 and 1 - alpha/2 quantiles of the replicates) when a value is not positive.
     NaNs with fewer than 2 chunks.
     """
-    arrays = _chunk_arrays(chunks)
+    arrays = kld_arrays(chunks)
     c = len(arrays)
     if c < 2:
         return math.nan, math.nan
@@ -264,7 +265,7 @@ def bootstrap_interval(chunks, statistic: str = "composite", confidence: float =
 
 def statistic_of(chunks, statistic: str) -> float:
     """A KLD statistic ("mean", a QUANTILES name, "composite") over all tokens of the chunks."""
-    arrays = _chunk_arrays(chunks)
+    arrays = kld_arrays(chunks)
     if statistic == "mean":
         total = sum(a.size for a in arrays)
         return float(sum(a.sum(dtype=np.float64) for a in arrays) / total) if total else math.nan
@@ -281,7 +282,7 @@ def chunk_mean_se(chunks) -> float:
 
     Ratio estimator: mean = sum S_c / sum n_c, SE^2 = C/(C-1) * sum (S_c - mean n_c)^2 / (sum n_c)^2.
     """
-    arrays = _chunk_arrays(chunks)
+    arrays = kld_arrays(chunks)
     c = len(arrays)
     if c < 2:
         return math.nan

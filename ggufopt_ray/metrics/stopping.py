@@ -44,10 +44,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
-from scipy import stats as _sps
 
 from ggufopt_ray.errors import UserError
-from ggufopt_ray.metrics.stats import STATISTICS, _chunk_arrays, bootstrap_interval, statistic_of
+from ggufopt_ray.metrics.stats import STATISTICS, kld_arrays, bootstrap_interval, statistic_of
 
 TARGET_ALIASES = {"score": "composite", "p999": "p99.9", "p50": "median"}
 
@@ -83,7 +82,8 @@ class StoppingRule:
         if self.method not in ("auto", "t", "bootstrap"):
             raise UserError(f"interval method {self.method!r} is unknown; use auto, t or bootstrap")
         if self.method == "t" and self.target != "mean":
-            raise UserError("the t interval applies to the mean only; use method=bootstrap for percentiles and composite")
+            raise UserError("the t interval applies to the mean only; "
+                            "use method=bootstrap for percentiles and composite")
         if self.n_boot < 50:
             raise UserError(f"n_boot {self.n_boot} is too small for an interval; use at least 200")
 
@@ -141,7 +141,7 @@ def t_interval_mean(chunks: Sequence, confidence: float = 0.95) -> Interval:
     ``se^2 = C/(C-1) * sum (S_c - mean n_c)^2 / (sum n_c)^2``, t quantile with C - 1 degrees of
     freedom; on the log scale (delta method), or linear if the mean is not positive.
     """
-    arrays = _chunk_arrays(chunks)
+    arrays = kld_arrays(chunks)
     c = len(arrays)
     s = np.array([a.sum(dtype=np.float64) for a in arrays])
     n = np.array([a.size for a in arrays], np.float64)
@@ -151,7 +151,9 @@ def t_interval_mean(chunks: Sequence, confidence: float = 0.95) -> Interval:
     if c < 2:
         return Interval(mean, math.nan, math.nan, c, "t")
     se = math.sqrt(c / (c - 1) * ((s - mean * n) ** 2).sum()) / n.sum()
-    tq = float(_sps.t.ppf(0.5 + confidence / 2, c - 1))
+    from scipy.stats import t as student_t
+
+    tq = float(student_t.ppf(0.5 + confidence / 2, c - 1))
     if mean > 0:
         h = tq * se / mean
         return Interval(mean, mean * math.exp(-h), mean * math.exp(h), c, "t")
@@ -164,7 +166,7 @@ def _derived_seed(seed: int, n_chunks: int) -> int:
 
 def target_interval(chunks: Sequence, rule: StoppingRule) -> Interval:
     """The rule's target with its interval, from the per-chunk KLD arrays seen so far."""
-    arrays = _chunk_arrays(chunks)
+    arrays = kld_arrays(chunks)
     c = len(arrays)
     if rule.resolved_method == "t":
         return t_interval_mean(arrays, rule.confidence)
@@ -182,7 +184,7 @@ def decide(chunks: Sequence, rule: StoppingRule, n_available: int | None = None)
     prefixes are evaluated only when the current one passes), or at the chunk limit (the rule's
     ``max_chunks`` or ``n_available``, the number of chunks the run has, if given).
     """
-    arrays = _chunk_arrays(chunks)
+    arrays = kld_arrays(chunks)
     c = len(arrays)
     limit = rule.max_chunks
     if n_available is not None:

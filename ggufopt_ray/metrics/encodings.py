@@ -1,0 +1,641 @@
+"""How the baseline's log-probabilities are kept, and the KL divergence each way of keeping allows.
+
+The baseline is computed once and compared with every candidate, so its size decides how many
+chunks a sweep can afford: float32 log-probs cost 4·n_vocab bytes per scored token (the original
+toolkit kept full float32 logits), llama.cpp's KLD base file 2·n_vocab+8. Each encoding turns
+``[n, V]`` baseline log-probs into a dict of per-row numpy arrays (every array's first axis is the
+row, so a store can write, slice and concatenate them) and computes per-token metrics against a
+candidate's raw logits from that dict alone.
+
+=================  ===============================  ============================================
+name               bytes per scored token           KLD computed as
+=================  ===============================  ============================================
+exact              4 V                              full vocabulary, exact (kld.kld_per_token)
+float16            2 V + 4 + id bytes (+4)          full vocabulary, cross-entropy corrected
+llamacpp_uint16    2 (2 ceil(V/2) + 4)              llama.cpp's formula: uint16 codes 16 nats
+                                                    below the top, terms with log p <= -16 skipped
+topk (k=128)       k (4 + id bytes) + 4 (+4)        top-k tokens + one "rest" bucket (a lower
+                                                    bound of the true KLD)
+compact            <= 1/4 of llamacpp_uint16        tiered codes, cross-entropy corrected
+=================  ===============================  ============================================
+
+(+4): the exact log-prob of the reference token, stored when ``encode`` is given ``ref_tokens``
+(then the base NLL and Δp are exact; without it they are decoded, approximately).
+
+Cross-entropy correction
+------------------------
+With a decoded approximation p~ of the base distribution p, the plug-in KL(p~ || q) is off by
+KL(p~ || p) + sum (p~ - p) log(p/q): the first term is a bias the same size for every candidate
+and it swamps small divergences (a Q8_0 has KLD ~1e-5 on a small model). At encode time the true
+log-probs are known, so the encodings marked "corrected" store one float per row,
+``xent_correction = sum p~ (log p - log p~)``, and report ``KL(p~ || q) + xent_correction =
+sum p~ (log p - log q)``. The error left is ``sum (p~ - p)(log q - log p)``: a product of the
+encoding error and the candidate's own deviation, with no bias of its own. A distribution compared
+with itself then gives 0 up to rounding.
+
+The compact encoding (fixed size per row, <= 1/4 of llama.cpp's)
+-----------------------------------------------------------------
+Per row, with log-probs relative to the row maximum and tokens ranked by probability:
+
+- top T tokens (T = 32 for V >= 8192): explicit ids and a 16-bit code of the log-prob;
+- the next tokens down to rank K: an 8-bit code each, stored in vocabulary order (no ids);
+- every token: a 3-bit code in vocabulary order, 7 meaning "ranked <= K" and 0..6 a coarse level
+  at fixed offsets ``COMPACT_LEVELS`` below the log-prob of rank K+1 (denser near the top, where
+  the mass is);
+- the coarse levels' probabilities are tilted, ``exp(a + b * level)``, with a and b chosen at encode
+  time so that the coarse part keeps its exact mass and its exact mean log-prob: an error that
+  varies linearly with log p (a candidate that flattens or sharpens the distribution) then
+  cancels; plus the cross-entropy correction and the exact log-prob of the reference token.
+
+K is whatever fills the budget: about V/8 - 150 (870 of 8192 tokens, ~90% of the mass on the
+trained model in ../shared/models). Measured on that model's distributions (6096 scored tokens,
+logits from a numpy re-implementation of its forward pass; candidates with numpy block-quantized
+weights, Q8_0-, Q6- and Q4_0-like, mean KLD 1.7e-5, 2.7e-4, 5.5e-3): mean-KLD error +0.09%,
+-0.005%, +0.02% (over 3000 of those tokens: +0.35%, +0.05%, +0.004%); median per-token error
+5.7%, 1.5%, 0.3% of the token's KLD. So the mean (and mean-based ranking) is kept well within 1%,
+while per-token values, hence the percentiles, of very good candidates are less exact (p99 within
+~2%). llama.cpp's own format (4x the size) did worse on the Q8_0-like candidate: -0.2 to -0.9%
+on the mean, ~30% median per-token error, because it skips every term below -16 and its rounding
+bias is not corrected. tests/test_encodings.py prints the same table on synthetic distributions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ggufopt_ray.metrics.kld import BLOCK_ELEMENTS, TokenMetrics, _rowsum, kld_per_token
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _id_dtype(n_vocab: int):
+    return np.uint16 if n_vocab <= 65536 else np.uint32
+
+
+def _check_logprobs(logprobs) -> np.ndarray:
+    x = np.asarray(logprobs)
+    if x.ndim != 2 or x.shape[1] < 2:
+        raise ValueError(f"baseline log-probs must be [n_tokens, n_vocab>=2], got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("baseline log-probs must be finite (clamp -inf to a very negative value first)")
+    return x
+
+
+def _check_ref(ref_tokens, n: int, v: int) -> np.ndarray | None:
+    if ref_tokens is None:
+        return None
+    ref = np.asarray(ref_tokens).astype(np.int64).reshape(-1)
+    if ref.shape[0] != n:
+        raise ValueError(f"{ref.shape[0]} reference tokens for {n} rows")
+    if n and (ref.min() < 0 or ref.max() >= v):
+        raise ValueError(f"reference token ids must lie in [0, {v})")
+    return ref
+
+
+def _blocks(n: int, v: int):
+    step = max(1, BLOCK_ELEMENTS // v)
+    for r0 in range(0, n, step):
+        yield r0, min(n, r0 + step)
+
+
+def _normalized64(x: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64."""
+    x = np.asarray(x, np.float64)
+    m = x.max(axis=1, keepdims=True)
+    return x - (m + np.log(np.exp(x - m).sum(axis=1, keepdims=True)))
+
+
+def _cand_lse(b: np.ndarray) -> np.ndarray:
+    """log-sum-exp of float32 candidate logit rows, accumulated in float64."""
+    b = np.ascontiguousarray(b, dtype=np.float32)
+    m = b.max(axis=1)
+    return m.astype(np.float64) + np.log(_rowsum(np.exp(b - m[:, None])))
+
+
+def _xent_correction(decoded32: np.ndarray, lp_true64: np.ndarray) -> np.ndarray:
+    """sum p~ (log p - log p~) with p~ = softmax(decoded) in float64 (what kld_per_token uses)."""
+    lq = _normalized64(decoded32)
+    return (np.exp(lq) * (lp_true64 - lq)).sum(axis=1)
+
+
+def _with_ref_extras(m: TokenMetrics, nll_base: np.ndarray) -> TokenMetrics:
+    """Replace the base NLL (and Δp) decoded from an encoding by the exact stored value."""
+    m.nll_base[:] = nll_base
+    m.delta_p[:] = np.exp(-m.nll_cand.astype(np.float64)) - np.exp(-np.asarray(nll_base, np.float64))
+    return m
+
+
+class BaselineEncoding:
+    """Base class: encode baseline log-probs, and compare a candidate with the encoded rows."""
+
+    name = ""
+
+    def params(self) -> dict:
+        """Constructor parameters (JSON-safe), so ``get_encoding(name, **params)`` rebuilds it."""
+        return {}
+
+    def encode(self, logprobs: np.ndarray, ref_tokens: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def bytes_per_token(self, n_vocab: int, with_ref: bool = True) -> int:
+        """Bytes stored per scored token (all arrays of one row), not counting token ids."""
+        raise NotImplementedError
+
+    def decode_logprobs(self, encoded: dict, n_vocab: int | None = None) -> np.ndarray:
+        """Dense float32 ``[n, V]`` log-probs as the encoding sees them (for inspection).
+
+        n_vocab is needed by the encodings whose arrays do not show it (topk, compact)."""
+        raise NotImplementedError
+
+    def kld_against(self, encoded: dict, candidate_logits: np.ndarray,
+                    ref_tokens: np.ndarray | None = None) -> TokenMetrics:
+        """Per-token metrics of candidate logits ``[n, V]`` against encoded baseline rows."""
+        raise NotImplementedError
+
+    def compare(self, encoded: dict, candidate_logits: np.ndarray,
+                ref_tokens: np.ndarray | None = None) -> TokenMetrics:
+        return self.kld_against(encoded, candidate_logits, ref_tokens)
+
+    @staticmethod
+    def n_rows(encoded: dict) -> int:
+        return int(next(iter(encoded.values())).shape[0])
+
+
+# ----------------------------------------------------------------------------- exact, float16
+
+class ExactEncoding(BaselineEncoding):
+    """float32 log-probs; the reference for the others."""
+
+    name = "exact"
+
+    def encode(self, logprobs, ref_tokens=None):
+        return {"logprobs": np.ascontiguousarray(_check_logprobs(logprobs), dtype=np.float32)}
+
+    def bytes_per_token(self, n_vocab, with_ref=True):
+        return 4 * n_vocab
+
+    def decode_logprobs(self, encoded, n_vocab=None):
+        return np.asarray(encoded["logprobs"], np.float32)
+
+    def kld_against(self, encoded, candidate_logits, ref_tokens=None):
+        return kld_per_token(encoded["logprobs"], candidate_logits, ref_tokens)
+
+
+class Float16Encoding(BaselineEncoding):
+    """float16 log-probs plus the cross-entropy correction (one float32 per row)."""
+
+    name = "float16"
+
+    def encode(self, logprobs, ref_tokens=None):
+        x = _check_logprobs(logprobs)
+        n, v = x.shape
+        codes = np.empty((n, v), np.float16)
+        corr = np.empty(n, np.float32)
+        for r0, r1 in _blocks(n, v):
+            lp = _normalized64(x[r0:r1])
+            codes[r0:r1] = lp
+            corr[r0:r1] = _xent_correction(codes[r0:r1].astype(np.float32), lp)
+        # the argmax is stored because the top two log-probs may round to the same float16
+        out = {"logprobs": codes, "xent_correction": corr,
+               "top_id": np.asarray(x).argmax(axis=1).astype(_id_dtype(v))}
+        ref = _check_ref(ref_tokens, n, v)
+        if ref is not None:
+            out["ref_logprob"] = _normalized_ref(x, ref)
+        return out
+
+    def bytes_per_token(self, n_vocab, with_ref=True):
+        return 2 * n_vocab + 4 + np.dtype(_id_dtype(n_vocab)).itemsize + (4 if with_ref else 0)
+
+    def decode_logprobs(self, encoded, n_vocab=None):
+        return np.asarray(encoded["logprobs"], np.float32)
+
+    def kld_against(self, encoded, candidate_logits, ref_tokens=None):
+        m = kld_per_token(encoded["logprobs"], candidate_logits, ref_tokens)
+        m.kld[:] = m.kld.astype(np.float64) + encoded["xent_correction"]
+        n, v = candidate_logits.shape
+        for r0, r1 in _blocks(n, v):
+            m.same_top[r0:r1] = np.asarray(candidate_logits[r0:r1]).argmax(axis=1) == encoded["top_id"][r0:r1]
+        if ref_tokens is not None and "ref_logprob" in encoded:
+            _with_ref_extras(m, -np.asarray(encoded["ref_logprob"], np.float64))
+        return m
+
+
+# ----------------------------------------------------------------------------- llama.cpp uint16
+
+LLAMA_CLAMP = 16.0  # nats below the row maximum that llama.cpp keeps; also its KLD term threshold
+
+
+class LlamaCppUint16Encoding(BaselineEncoding):
+    """llama-perplexity's KLD base format and KLD formula, reproduced in float32 like its C++.
+
+    Per row: ``scale`` and ``min_log_prob`` (float32) and one uint16 code per vocabulary entry;
+    log p = scale * code + min_log_prob, everything 16 nats or more below the top is code 0.
+    KLD sums p_base (log p_base - log q) over entries with log p_base > -16 only, so it is not
+    exactly 0 for a model against itself and can be slightly negative (as in llama.cpp).
+    """
+
+    name = "llamacpp_uint16"
+
+    def encode(self, logprobs, ref_tokens=None):
+        x = _check_logprobs(logprobs)
+        n, v = x.shape
+        codes = np.zeros((n, v), np.uint16)
+        scale = np.empty(n, np.float32)
+        minlp = np.empty(n, np.float32)
+        for r0, r1 in _blocks(n, v):
+            lg = np.asarray(x[r0:r1], np.float32)
+            mx = lg.max(axis=1)
+            mn = np.maximum(lg.min(axis=1), mx - np.float32(LLAMA_CLAMP))
+            sum_exp = np.exp(lg - mx[:, None]).sum(axis=1, dtype=np.float64)
+            lse = np.log(sum_exp).astype(np.float32)
+            minlp[r0:r1] = (mn - mx) - lse
+            sc = ((mx - mn) / np.float32(65535)).astype(np.float32)
+            scale[r0:r1] = sc
+            with np.errstate(divide="ignore"):
+                inv = np.where(sc > 0, np.float32(1) / sc, np.float32(0)).astype(np.float32)
+            q = np.rint(inv[:, None] * (lg - mn[:, None]))
+            codes[r0:r1] = np.where(lg > mn[:, None], q, 0).astype(np.uint16)
+        return {"codes": codes, "scale": scale, "min_log_prob": minlp}
+
+    def bytes_per_token(self, n_vocab, with_ref=True):
+        return 2 * (2 * ((n_vocab + 1) // 2) + 4)
+
+    @staticmethod
+    def _decode_block(encoded, r0, r1):
+        sc = np.asarray(encoded["scale"][r0:r1], np.float32)
+        mn = np.asarray(encoded["min_log_prob"][r0:r1], np.float32)
+        return sc[:, None] * np.asarray(encoded["codes"][r0:r1]).astype(np.float32) + mn[:, None]
+
+    def decode_logprobs(self, encoded, n_vocab=None):
+        n, v = encoded["codes"].shape
+        out = np.empty((n, v), np.float32)
+        for r0, r1 in _blocks(n, v):
+            out[r0:r1] = self._decode_block(encoded, r0, r1)
+        return out
+
+    def kld_against(self, encoded, candidate_logits, ref_tokens=None):
+        codes = encoded["codes"]
+        n, v = codes.shape
+        if candidate_logits.shape != (n, v):
+            raise ValueError(f"candidate logits {candidate_logits.shape} do not match the encoded rows {(n, v)}")
+        ref = _check_ref(ref_tokens, n, v)
+        out = {k: np.full(n, np.nan, np.float32) for k in ("kld", "same_top", "delta_p", "nll_base", "nll_cand")}
+        for r0, r1 in _blocks(n, v):
+            rows = np.arange(r1 - r0)
+            lpb = self._decode_block(encoded, r0, r1)
+            b = np.ascontiguousarray(candidate_logits[r0:r1], dtype=np.float32)
+            imax = b.argmax(axis=1)
+            mx = b[rows, imax]
+            sum_exp = np.exp(b - mx[:, None]).sum(axis=1, dtype=np.float64)
+            lse = np.log(sum_exp).astype(np.float32)
+            top = mx + lse  # max_logit += log_sum_exp
+            terms = np.exp(lpb) * ((lpb - b) + top[:, None])
+            out["kld"][r0:r1] = np.where(lpb > np.float32(-LLAMA_CLAMP), terms, 0).sum(axis=1, dtype=np.float64)
+            out["same_top"][r0:r1] = lpb.argmax(axis=1) == imax
+            if ref is not None:
+                tok = ref[r0:r1]
+                nll = (mx + lse) - b[rows, tok]
+                nll_base = -lpb[rows, tok]
+                out["nll_cand"][r0:r1] = nll
+                out["nll_base"][r0:r1] = nll_base
+                out["delta_p"][r0:r1] = np.exp(-nll) - np.exp(-nll_base)
+        return TokenMetrics(**out)
+
+
+# ----------------------------------------------------------------------------- top-k + tail
+
+class TopKEncoding(BaselineEncoding):
+    """The k most probable tokens (ids + float32 log-probs) and the log of the remaining mass.
+
+    KLD is taken between the coarsened distributions (k tokens + one "rest" bucket), which is a
+    lower bound of the full-vocabulary KLD (data-processing inequality): it misses how the
+    candidate redistributes mass inside the rest, a real loss on broad distributions.
+    """
+
+    name = "topk"
+
+    def __init__(self, k: int = 128):
+        if int(k) < 1:
+            raise ValueError(f"top-k needs k >= 1, got {k}")
+        self.k = int(k)
+
+    def params(self):
+        return {"k": self.k}
+
+    def encode(self, logprobs, ref_tokens=None):
+        x = _check_logprobs(logprobs)
+        n, v = x.shape
+        k = min(self.k, v)
+        ref = _check_ref(ref_tokens, n, v)
+        ids = np.empty((n, k), _id_dtype(v))
+        vals = np.empty((n, k), np.float32)
+        tail = np.empty(n, np.float32)
+        for r0, r1 in _blocks(n, v):
+            lp = _normalized64(x[r0:r1])
+            part = np.argpartition(-lp, k - 1, axis=1)[:, :k] if k < v else np.tile(np.arange(v), (r1 - r0, 1))
+            top = np.take_along_axis(lp, part, axis=1)
+            order = np.argsort(-top, axis=1, kind="stable")
+            part = np.take_along_axis(part, order, axis=1)
+            ids[r0:r1] = part
+            vals[r0:r1] = np.take_along_axis(top, order, axis=1)
+            rest = lp.copy()
+            np.put_along_axis(rest, part, -np.inf, axis=1)
+            m = rest.max(axis=1, keepdims=True)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                t = m[:, 0] + np.log(np.exp(rest - np.where(np.isfinite(m), m, 0)).sum(axis=1))
+            tail[r0:r1] = np.where(np.isfinite(m[:, 0]), t, -np.inf)
+        out = {"ids": ids, "logprobs": vals, "log_tail": tail}
+        if ref is not None:
+            out["ref_logprob"] = _normalized_ref(x, ref)
+        return out
+
+    def bytes_per_token(self, n_vocab, with_ref=True):
+        k = min(self.k, n_vocab)
+        return k * (4 + np.dtype(_id_dtype(n_vocab)).itemsize) + 4 + (4 if with_ref else 0)
+
+    def decode_logprobs(self, encoded, n_vocab=None):
+        """Top-k log-probs, and the rest's mass spread evenly over the other tokens."""
+        if n_vocab is None:
+            raise ValueError("topk.decode_logprobs needs n_vocab")
+        ids, vals, tail = encoded["ids"], encoded["logprobs"], encoded["log_tail"]
+        n, k = ids.shape
+        out = np.empty((n, int(n_vocab)), np.float32)
+        out[:] = (np.asarray(tail, np.float64) - math.log(max(int(n_vocab) - k, 1)))[:, None]
+        np.put_along_axis(out, np.asarray(ids).astype(np.int64), vals, axis=1)
+        return out
+
+    def kld_against(self, encoded, candidate_logits, ref_tokens=None):
+        ids = np.asarray(encoded["ids"]).astype(np.int64)
+        vals = np.asarray(encoded["logprobs"], np.float64)
+        tail = np.asarray(encoded["log_tail"], np.float64)
+        n, k = ids.shape
+        if candidate_logits.ndim != 2 or candidate_logits.shape[0] != n:
+            raise ValueError(f"candidate logits {candidate_logits.shape} do not match {n} encoded rows")
+        v = candidate_logits.shape[1]
+        ref = _check_ref(ref_tokens, n, v)
+        out = {key: np.full(n, np.nan, np.float32) for key in ("kld", "same_top", "delta_p", "nll_base", "nll_cand")}
+        for r0, r1 in _blocks(n, v):
+            rows = np.arange(r1 - r0)
+            b = np.ascontiguousarray(candidate_logits[r0:r1], dtype=np.float32)
+            lse = _cand_lse(b)
+            tid = ids[r0:r1]
+            lq_top = np.take_along_axis(b, tid, axis=1).astype(np.float64) - lse[:, None]
+            kl = (np.exp(vals[r0:r1]) * (vals[r0:r1] - lq_top)).sum(axis=1)
+            if k < v:
+                rest = b.copy()
+                np.put_along_axis(rest, tid, -np.inf, axis=1)
+                lq_tail = _cand_lse(rest) - lse
+                pt = tail[r0:r1]
+                kl += np.where(np.isfinite(pt), np.exp(pt) * (pt - lq_tail), 0.0)
+            out["kld"][r0:r1] = kl
+            out["same_top"][r0:r1] = b.argmax(axis=1) == tid[:, 0]
+            if ref is not None:
+                tok = ref[r0:r1]
+                nll_c = lse - b[rows, tok]
+                out["nll_cand"][r0:r1] = nll_c
+                if "ref_logprob" in encoded:
+                    lpb = np.asarray(encoded["ref_logprob"][r0:r1], np.float64)
+                else:  # the token's own log-prob if it is among the top k, else a uniform share of the rest
+                    hit = tid == tok[:, None]
+                    rest_share = tail[r0:r1] - math.log(max(v - k, 1))
+                    lpb = np.where(hit.any(axis=1), (vals[r0:r1] * hit).sum(axis=1), rest_share)
+                out["nll_base"][r0:r1] = -lpb
+                out["delta_p"][r0:r1] = np.exp(-nll_c) - np.exp(lpb)
+        return TokenMetrics(**out)
+
+
+def _normalized_ref(x, ref: np.ndarray) -> np.ndarray:
+    n, v = x.shape
+    out = np.empty(n, np.float32)
+    for r0, r1 in _blocks(n, v):
+        lp = _normalized64(x[r0:r1])
+        out[r0:r1] = lp[np.arange(r1 - r0), ref[r0:r1]]
+    return out
+
+
+# ----------------------------------------------------------------------------- compact
+
+# Coarse levels: offsets (nats) below the log-prob of rank K+1. Chosen on the trained model's
+# distributions (denser near the top, where the mass is); the tilt fit absorbs a shape mismatch.
+COMPACT_LEVELS = (0.2, 0.6, 1.1, 1.7, 2.5, 3.6, 5.5)
+_N_LEVELS = len(COMPACT_LEVELS)
+_REFINED = 7  # 3-bit code of a token ranked <= K
+_HEADER = ("row_max", "mid_floor", "anchor", "tilt_a", "tilt_b", "xent_correction")
+
+
+def _pack3(codes: np.ndarray) -> np.ndarray:
+    r, v = codes.shape
+    bits = ((codes[:, :, None] >> np.array([2, 1, 0], np.uint8)) & 1).astype(np.uint8).reshape(r, 3 * v)
+    return np.packbits(bits, axis=1)
+
+
+def _unpack3(packed: np.ndarray, v: int) -> np.ndarray:
+    bits = np.unpackbits(np.asarray(packed), axis=1, count=3 * v).reshape(packed.shape[0], v, 3)
+    return (bits[:, :, 0] << 2) | (bits[:, :, 1] << 1) | bits[:, :, 2]
+
+
+class CompactEncoding(BaselineEncoding):
+    """Tiered fixed-size codes at <= ``budget`` x llama.cpp's bytes per token (see module doc)."""
+
+    name = "compact"
+
+    def __init__(self, budget: float = 0.25, top: int | None = None):
+        if not 0 < budget <= 1:
+            raise ValueError(f"compact budget {budget} must be a fraction of llama.cpp's bytes in (0, 1]")
+        self.budget = float(budget)
+        self.top = None if top is None else int(top)
+
+    def params(self):
+        return {"budget": self.budget, "top": self.top}
+
+    def layout(self, n_vocab: int) -> tuple[int, int]:
+        """(T, K): explicitly stored top tokens, and tokens ranked <= K (8-bit codes)."""
+        v = int(n_vocab)
+        t = self.top if self.top is not None else int(min(32, max(4, v // 256)))
+        total = int(math.floor(self.budget * LlamaCppUint16Encoding().bytes_per_token(v)))
+        fixed = (3 * v + 7) // 8 + t * (np.dtype(_id_dtype(v)).itemsize + 2) + 4 * len(_HEADER) + 4
+        k = total - fixed
+        if k < max(t, 1) or k >= v:
+            raise ValueError(f"the compact encoding does not fit n_vocab={v} in {total} bytes per token "
+                             f"(budget {self.budget} of llama.cpp's); use another encoding for so small a vocabulary")
+        return t, k
+
+    def bytes_per_token(self, n_vocab, with_ref=True):
+        t, k = self.layout(n_vocab)
+        ids = np.dtype(_id_dtype(n_vocab)).itemsize
+        return (3 * n_vocab + 7) // 8 + k + t * (ids + 2) + 4 * len(_HEADER) + (4 if with_ref else 0)
+
+    def encode(self, logprobs, ref_tokens=None):
+        x = _check_logprobs(logprobs)
+        n, v = x.shape
+        t_top, k = self.layout(v)
+        ref = _check_ref(ref_tokens, n, v)
+        out = {"codes": np.empty((n, (3 * v + 7) // 8), np.uint8),
+               "mid": np.empty((n, k), np.uint8),
+               "top_ids": np.empty((n, t_top), _id_dtype(v)),
+               "top_codes": np.empty((n, t_top), np.uint16)}
+        for name in _HEADER:
+            out[name] = np.empty(n, np.float32)
+        if ref is not None:
+            out["ref_logprob"] = np.empty(n, np.float32)
+        offs = np.asarray(COMPACT_LEVELS, np.float64)
+        mids = 0.5 * (offs[1:] + offs[:-1])
+        for r0, r1 in _blocks(n, v):
+            rr = r1 - r0
+            rows = np.arange(rr)
+            lp = _normalized64(x[r0:r1])
+            mx = lp.max(axis=1)
+            rel = lp - mx[:, None]
+            part = np.argpartition(-rel, k, axis=1)  # first k: the k largest; position k: rank k+1
+            refined = np.zeros((rr, v), bool)
+            np.put_along_axis(refined, part[:, :k], True, axis=1)
+            floor = np.take_along_axis(rel, part[:, :k], axis=1).min(axis=1)  # rank-K value (<= 0)
+            anchor = rel[rows, part[:, k]]  # rank K+1 value
+            top = part[:, :k]
+            top_rel = np.take_along_axis(rel, top, axis=1)
+            sel = np.argsort(-top_rel, axis=1, kind="stable")[:, :t_top]
+            top_ids = np.take_along_axis(top, sel, axis=1)
+            top_vals = np.take_along_axis(top_rel, sel, axis=1)
+            span = np.where(floor < 0, -floor, 1.0)
+            out["top_ids"][r0:r1] = top_ids
+            out["top_codes"][r0:r1] = np.rint((top_vals - floor[:, None]) / span[:, None] * 65535)
+            mid_vals = rel[refined].reshape(rr, k)  # vocabulary order
+            out["mid"][r0:r1] = np.rint((mid_vals - floor[:, None]) / span[:, None] * 255)
+            level = np.searchsorted(mids, anchor[:, None] - rel).astype(np.uint8)
+            codes = np.where(refined, np.uint8(_REFINED), level)
+            out["codes"][r0:r1] = _pack3(codes)
+            out["row_max"][r0:r1] = mx
+            out["mid_floor"][r0:r1] = floor
+            out["anchor"][r0:r1] = anchor
+            # Mass the refined tokens will have once decoded; the coarse part gets the rest.
+            dec_ref = self._decode_refined(out, r0, r1, codes)
+            ref_mass = np.where(refined, np.exp(dec_ref), 0.0).sum(axis=1)
+            a, b = _fit_tilt(lp, level, ~refined, anchor[:, None] - offs[None, :], mx,
+                             np.clip(1.0 - ref_mass, 1e-300, None))
+            out["tilt_a"][r0:r1] = a
+            out["tilt_b"][r0:r1] = b
+            decoded = self._decode_block(out, r0, r1, codes)
+            out["xent_correction"][r0:r1] = _xent_correction(decoded, lp)
+            if ref is not None:
+                out["ref_logprob"][r0:r1] = lp[rows, ref[r0:r1]]
+        return out
+
+    @staticmethod
+    def _decode_refined(enc, r0, r1, codes) -> np.ndarray:
+        """Absolute float64 log-probs of the tokens ranked <= K (NaN elsewhere)."""
+        rr, v = codes.shape
+        mx = np.asarray(enc["row_max"][r0:r1], np.float64)
+        floor = np.asarray(enc["mid_floor"][r0:r1], np.float64)
+        span = np.where(floor < 0, -floor, 1.0)
+        out = np.full((rr, v), np.nan)
+        mid = np.asarray(enc["mid"][r0:r1], np.float64)
+        out[codes == _REFINED] = (floor[:, None] + mid * (span[:, None] / 255) + mx[:, None]).ravel()
+        top = np.asarray(enc["top_codes"][r0:r1], np.float64)
+        vals = floor[:, None] + top * (span[:, None] / 65535) + mx[:, None]
+        np.put_along_axis(out, np.asarray(enc["top_ids"][r0:r1]).astype(np.int64), vals, axis=1)
+        return out
+
+    @staticmethod
+    def _decode_block(enc, r0, r1, codes) -> np.ndarray:
+        """float32 log-probs of rows r0:r1 (not normalized: the KLD renormalizes in float64)."""
+        out = CompactEncoding._decode_refined(enc, r0, r1, codes)
+        mx = np.asarray(enc["row_max"][r0:r1], np.float64)
+        anchor = np.asarray(enc["anchor"][r0:r1], np.float64)
+        a = np.asarray(enc["tilt_a"][r0:r1], np.float64)
+        b = np.asarray(enc["tilt_b"][r0:r1], np.float64)
+        levels = anchor[:, None] - np.asarray(COMPACT_LEVELS)[None, :]
+        table = np.concatenate([mx[:, None] + a[:, None] + b[:, None] * levels, np.zeros((len(mx), 1))], axis=1)
+        coarse = np.take_along_axis(table, codes.astype(np.int64), axis=1)
+        return np.where(codes == _REFINED, out, coarse).astype(np.float32)
+
+    def decode_logprobs(self, encoded, n_vocab=None):
+        if n_vocab is None:
+            raise ValueError("compact.decode_logprobs needs n_vocab")
+        v = int(n_vocab)
+        n = self.n_rows(encoded)
+        out = np.empty((n, v), np.float32)
+        for r0, r1 in _blocks(n, v):
+            out[r0:r1] = self._decode_block(encoded, r0, r1, _unpack3(encoded["codes"][r0:r1], v))
+        return out
+
+    def kld_against(self, encoded, candidate_logits, ref_tokens=None):
+        n = self.n_rows(encoded)
+        if candidate_logits.ndim != 2 or candidate_logits.shape[0] != n:
+            raise ValueError(f"candidate logits {candidate_logits.shape} do not match {n} encoded rows")
+        v = candidate_logits.shape[1]
+        if encoded["codes"].shape[1] != (3 * v + 7) // 8:
+            raise ValueError(f"the encoded rows were made for another vocabulary size than {v}")
+        ref = _check_ref(ref_tokens, n, v)
+        parts = []
+        for r0, r1 in _blocks(n, v):
+            dec = self._decode_block(encoded, r0, r1, _unpack3(encoded["codes"][r0:r1], v))
+            m = kld_per_token(dec, candidate_logits[r0:r1], None if ref is None else ref[r0:r1])
+            m.kld[:] = m.kld.astype(np.float64) + encoded["xent_correction"][r0:r1]
+            b = candidate_logits[r0:r1]
+            m.same_top[:] = np.asarray(b).argmax(axis=1) == np.asarray(encoded["top_ids"][r0:r1, 0])
+            if ref is not None and "ref_logprob" in encoded:
+                _with_ref_extras(m, -np.asarray(encoded["ref_logprob"][r0:r1], np.float64))
+            parts.append(m)
+        return TokenMetrics.concat(parts)
+
+
+def _fit_tilt(lp, level, coarse, level_rel, mx, mass, iters: int = 40):
+    """Per row (a, b): coarse log p~ = mx + a + b * level_rel[level], with the coarse tokens' exact
+    mass (``mass``) and exact mean log-prob (under p, over the coarse tokens).
+
+    The mean of log p under weights ``cnt_j * exp(b * level_rel_j)`` increases with b, so b is
+    found by bisection on [0.05, 20]; only per-level counts and sums of log p enter. Rows with
+    fewer than two occupied levels keep b = 1.
+    """
+    cnt = np.stack([(coarse & (level == j)).sum(axis=1) for j in range(_N_LEVELS)], axis=1).astype(np.float64)
+    sum_lp = np.stack([np.where(coarse & (level == j), lp, 0.0).sum(axis=1) for j in range(_N_LEVELS)], axis=1)
+    p = np.where(coarse, np.exp(lp), 0.0)
+    true_mass = p.sum(axis=1)
+    target = (p * lp).sum(axis=1) / np.where(true_mass > 0, true_mass, 1.0)
+    mean_per_level = sum_lp / np.where(cnt > 0, cnt, 1.0)
+    occupied = cnt > 0
+
+    def log_weights(b):
+        z = np.where(occupied, b[:, None] * level_rel, -np.inf)
+        zmax = np.where(occupied.any(axis=1), z.max(axis=1), 0.0)
+        return z, zmax
+
+    def tilted_mean(b):
+        z, zmax = log_weights(b)
+        w = cnt * np.exp(z - zmax[:, None])
+        return (w * mean_per_level).sum(axis=1) / np.where(w.sum(axis=1) > 0, w.sum(axis=1), 1.0)
+
+    fit = occupied.sum(axis=1) >= 2
+    lo, hi = np.full(len(lp), 0.05), np.full(len(lp), 20.0)
+    b = np.ones(len(lp))
+    for _ in range(iters):
+        b = np.where(fit, 0.5 * (lo + hi), 1.0)
+        up = tilted_mean(b) < target
+        lo = np.where(up, b, lo)
+        hi = np.where(up, hi, b)
+    z, zmax = log_weights(b)
+    s = (cnt * np.exp(z - zmax[:, None])).sum(axis=1)
+    with np.errstate(divide="ignore"):
+        a = np.where(s > 0, np.log(mass) - mx - zmax - np.log(np.where(s > 0, s, 1.0)), 0.0)
+    return a, b
+
+
+ENCODINGS: dict[str, type[BaselineEncoding]] = {
+    cls.name: cls for cls in (ExactEncoding, Float16Encoding, LlamaCppUint16Encoding, TopKEncoding, CompactEncoding)
+}
+
+
+def get_encoding(name: str, **params) -> BaselineEncoding:
+    """The encoding registered as ``name`` (exact, float16, llamacpp_uint16, topk, compact)."""
+    from ggufopt_ray.errors import UserError
+
+    cls = ENCODINGS.get(name)
+    if cls is None:
+        raise UserError(f"unknown baseline encoding {name!r}; choose from {', '.join(ENCODINGS)}")
+    params = {k: v for k, v in params.items() if v is not None}
+    try:
+        return cls(**params)
+    except TypeError as e:
+        raise UserError(f"bad parameters {params} for encoding {name!r}: {e}") from None
