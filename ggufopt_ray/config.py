@@ -43,7 +43,7 @@ class DatasetConfig:
 
 @dataclass
 class MetricsConfig:
-    encoding: str = "exact"  # how baseline log-probs are kept (see ggufopt encodings)
+    encoding: str = "float16"  # how baseline log-probs are kept: exact, float16, llamacpp_uint16, topk, compact
     scored_from: Optional[int] = None  # first scored position per chunk; null = n_ctx // 2
     early_stopping: bool = True
     target: str = "composite"  # mean | median | p90 | p95 | p99 | composite

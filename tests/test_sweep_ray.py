@@ -67,10 +67,10 @@ def test_distributed_numbers_equal_single_machine(sweep_run, tiny_model):
     settings = RuntimeSettings(n_ctx=128, n_batch=128, n_ubatch=128, n_threads=1)
     first = 64
     with LogitsEngine(model, settings) as base:
-        payloads = [baseline_payload(base, c, "exact", first) for c in ev.chunks]
+        payloads = [baseline_payload(base, c, cfg.metrics.encoding, first) for c in ev.chunks]
     for row in result.rows:
         with LogitsEngine(row["candidate_path"], settings) as cand:
-            per_chunk = [compare_chunk(cand, c, p, "exact", first) for c, p in zip(ev.chunks, payloads)]
+            per_chunk = [compare_chunk(cand, c, p, cfg.metrics.encoding, first) for c, p in zip(ev.chunks, payloads)]
         single = summarize(per_chunk)
         for key in STATS:
             np.testing.assert_allclose(row[key], single[key], rtol=1e-6, err_msg=f"{row['label']} {key}")

@@ -23,6 +23,17 @@ from ggufopt_ray.errors import UserError
 HEADER_NAME = "header.h5"
 FORMAT_VERSION = 1
 _CHUNK_RE = re.compile(r"^chunk_(\d{6})\.h5$")
+_TMP_RE = re.compile(r"^\..+\.(\d+)\.tmp$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_dir(path: Path) -> None:
@@ -97,6 +108,7 @@ class ChunkDirectory:
         (fingerprints, n_ctx, encoding, ...). A mismatch is refused, never mixed.
         """
         header = {"kind": self.kind, "format_version": FORMAT_VERSION, **header}
+        self.remove_stale_temporaries()
         if self.exists():
             old = self.read_header()
             diffs = [k for k in identity_keys if old.get(k) != header.get(k)]
@@ -108,6 +120,18 @@ class ChunkDirectory:
         self.root.mkdir(parents=True, exist_ok=True)
         _write_h5_atomically(self.header_path, {}, header)
         return header
+
+    def remove_stale_temporaries(self) -> list[str]:
+        """Delete half-written files left by writers that were killed (their pid is gone)."""
+        removed = []
+        if not self.root.exists():
+            return removed
+        for path in self.root.iterdir():
+            m = _TMP_RE.match(path.name)
+            if m and not _pid_alive(int(m.group(1))):
+                path.unlink(missing_ok=True)
+                removed.append(path.name)
+        return removed
 
     def remove(self) -> None:
         """Delete the whole store (for --overwrite); chunk files first, header last."""
