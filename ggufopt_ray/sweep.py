@@ -206,7 +206,11 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
                   "seed": cfg.seed, "search_seed": cfg.search.seed, "dataset_seed": cfg.dataset.seed,
                   "llama_cpp_python": ver.get("llama_cpp_python")}
     rows, best, pareto = finalize_results(outcome.rows, outcome.history, output_dir, provenance,
-                                          bub=is_bub)
+                                          bub=is_bub, imatrix_threshold=cfg.search.imatrix_gain_threshold)
+    if best and best.get("imatrix_growth"):
+        g = best["imatrix_growth"]
+        log(f"imatrix  recommended size {g['recommended_imatrix_chunks']} chunks "
+            f"(growth stops when the composite improves by less than {100 * g['threshold']:.1f}%)")
     (output_dir / "sweep.json").write_text(json.dumps({
         "baseline": baseline_meta, "provenance": provenance, "errors": outcome.errors,
         "resumed": outcome.resumed, "dashboard_url": ray_info.dashboard_url,

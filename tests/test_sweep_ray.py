@@ -132,3 +132,35 @@ def test_optuna_search_with_size_budget(ray_local, tmp_path):
             assert r["bits_per_weight"] <= 5.0 and r["chunks"] == 2
     if result.best is not None:
         assert result.best["bits_per_weight"] <= 5.0
+
+
+def test_imatrix_size_search_scores_sizes_and_recommends_one(ray_local, tmp_path):
+    from ggufopt_ray.sweep import run_sweep
+
+    cfg = small_sweep_config(tmp_path / "cache", name="imatrix_size", base_type="IQ4_XS", imatrix_chunks=[1, 2])
+    cfg.dataset.eval_chunks = 2
+    result = run_sweep(cfg, tmp_path / "out", log=lambda *a: None)
+    assert not result.errors, result.errors
+    sizes = sorted(int(r["config.imatrix_chunks"]) for r in result.rows)
+    assert sizes == [0, 1, 2]
+    hashes = {int(r["config.imatrix_chunks"]): r["imatrix_hash"] for r in result.rows}
+    assert hashes[0] == "" and hashes[1] and hashes[2] and hashes[1] != hashes[2]
+    growth = result.best["imatrix_growth"]
+    assert growth["recommended_imatrix_chunks"] in (0, 1, 2)
+    for step in growth["steps"]:
+        print(f"imatrix {step['from']} -> {step['to']} chunks: composite {step['composite_from']:.5f} -> "
+              f"{step['composite_to']:.5f} ({100 * step['relative_gain']:+.1f}%)")
+
+
+def test_bub_search_on_ray(ray_local, tmp_path):
+    from ggufopt_ray.sweep import run_sweep
+
+    cfg = small_sweep_config(tmp_path / "cache", name="bub", mode="optuna", num_samples=3, bub_min_log2=5,
+                             bub_max_log2=7)
+    cfg.dataset.eval_chunks = 3
+    result = run_sweep(cfg, tmp_path / "out", log=lambda *a: None)
+    assert not result.errors and len(result.rows) == 3
+    for r in result.rows:
+        assert 32 <= r["n_ubatch"] <= r["n_batch"] <= 128 and r["tokens_per_s"] > 0
+    assert result.best["tokens_per_s"] == max(r["tokens_per_s"] for r in result.rows)
+    assert result.baseline["computed"] == 0  # throughput needs no baseline

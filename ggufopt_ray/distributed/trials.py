@@ -124,6 +124,7 @@ def quality_trial(config: dict, ctx: TrialContext) -> None:
     per_chunk: list[dict] = []
     from_object_store = 0
     computed = 0
+    eval_compute_s = 0.0
     reason = "all_chunks"
     try:
         for i, tokens in enumerate(ctx.tokens):
@@ -134,7 +135,9 @@ def quality_trial(config: dict, ctx: TrialContext) -> None:
                     engine = LogitsEngine(cand["path"], settings)
                 payload = ray.get(ctx.baseline_refs[i][0])
                 from_object_store += 1
+                t_chunk = time.perf_counter()
                 metrics = compare_chunk(engine, tokens, payload, ctx.encoding, ctx.first)
+                eval_compute_s += time.perf_counter() - t_chunk
                 store.write(i, metrics)
                 computed += 1
                 log_event(ctx, "chunk", label=recipe.label(), chunk=i)
@@ -152,6 +155,7 @@ def quality_trial(config: dict, ctx: TrialContext) -> None:
                    "candidate_path": cand["path"], "build_node_id": cand.get("node_id", ""),
                    "results_store": str(store.root),
                    "eval_seconds": time.perf_counter() - t_built, "trial_seconds": time.perf_counter() - t_start,
+                   "eval_tokens_per_s": (computed * len(tokens) / eval_compute_s) if eval_compute_s > 0 else math.nan,
                    "stop_reason": reason if (stop or last) else "running", "done_eval": bool(stop or last),
                    "objective": _objective(summary, cand, ctx)}
             row.update({k: v for k, v in (cand.get("extra") or {}).items() if isinstance(v, (int, float))})

@@ -93,10 +93,19 @@ def run_trials(trainable, *, search: SearchConfig, cluster: ClusterConfig, stora
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-            searcher = OptunaSearch(space=space, metric="objective", mode="min", seed=search.seed,
+            multi = len(search.objectives) > 1
+            if multi and search.scheduler != "none":
+                raise UserError("schedulers rank trials by one metric; use search.scheduler=none with "
+                                "several search.objectives")
+            # Several objectives: Optuna's multi-objective TPE over (objective, bits per weight),
+            # the front of which is the Pareto set written with the results.
+            metric = ["objective", "bits_per_weight"] if multi else "objective"
+            mode = ["min", "min"] if multi else "min"
+            searcher = OptunaSearch(space=space, metric=metric, mode=mode, seed=search.seed,
                                     sampler=optuna.samplers.TPESampler(seed=search.seed,
                                                                        n_startup_trials=min(4, search.num_samples)))
-            tune_config = tune.TuneConfig(metric="objective", mode="min", search_alg=searcher,
+            tune_config = tune.TuneConfig(metric=None if multi else "objective", mode=None if multi else "min",
+                                          search_alg=searcher,
                                           num_samples=search.num_samples,
                                           max_concurrent_trials=concurrency(cluster),
                                           scheduler=_scheduler(search, n_chunks, min_chunks))

@@ -82,7 +82,7 @@ def _write_token_values(rows: list[dict], path: Path) -> None:
 
 
 def finalize_results(rows: list[dict], history: list[dict], output_dir: Path, provenance: dict,
-                     bub: bool = False) -> tuple[list[dict], dict | None, list[dict]]:
+                     bub: bool = False, imatrix_threshold: float = 0.01) -> tuple[list[dict], dict | None, list[dict]]:
     """Add provenance, pick the best row and the Pareto set, write everything under output_dir."""
     output_dir = Path(output_dir)
     rows = [{**r, **{f"prov.{k}": v for k, v in provenance.items()}} for r in rows]
@@ -104,8 +104,32 @@ def finalize_results(rows: list[dict], history: list[dict], output_dir: Path, pr
     if pareto:
         _write_table(pareto, output_dir / "pareto")
     _write_token_values(rows, output_dir / "tokens.parquet")
+    if best is not None and any("config.imatrix_chunks" in r for r in rows) and len(
+            {r.get("config.imatrix_chunks") for r in rows}) > 1:
+        best = {**best, "imatrix_growth": imatrix_growth(rows, imatrix_threshold)}
     (output_dir / "best.json").write_text(json.dumps(best, indent=2, default=str))
     return rows, best, pareto
+
+
+def imatrix_growth(rows: list[dict], threshold: float) -> dict:
+    """The seed's iterative calibration, decided from the scored sizes: grow the importance
+    matrix while the next size still lowers the composite score by more than ``threshold``
+    (relative); the recommended size is where growth stops paying."""
+    by_size: dict[int, float] = {}
+    for r in rows:
+        k, v = r.get("config.imatrix_chunks"), r.get("composite")
+        if k is not None and _finite(v):
+            by_size[int(k)] = min(float(v), by_size.get(int(k), math.inf))
+    sizes = sorted(by_size)
+    steps, chosen = [], sizes[0] if sizes else None
+    for a, b in zip(sizes, sizes[1:]):
+        gain = (by_size[a] - by_size[b]) / by_size[a] if by_size[a] > 0 else 0.0
+        steps.append({"from": a, "to": b, "composite_from": by_size[a], "composite_to": by_size[b],
+                      "relative_gain": gain})
+        if gain < threshold:
+            break
+        chosen = b
+    return {"threshold": threshold, "steps": steps, "recommended_imatrix_chunks": chosen}
 
 
 def _fmt(x, spec=".4f") -> str:
