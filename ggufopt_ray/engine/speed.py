@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ggufopt_ray.engine import native
+from ggufopt_ray.engine.session import ModelSession
 from ggufopt_ray.errors import UserError
 
 LLAMA_DEFAULT_N_BATCH = 2048
@@ -212,7 +213,7 @@ class SpeedResult:
 
 
 # -- the runner ------------------------------------------------------------------------------------
-class SpeedRunner:
+class SpeedRunner(ModelSession):
     """A model and a context sized for the longest test; ``run(test)`` times one repetition."""
 
     def __init__(self, model_path: str | Path, n_ctx: int, n_batch: int = LLAMA_DEFAULT_N_BATCH,
@@ -228,55 +229,20 @@ class SpeedRunner:
                             "lower the ubatch or raise the batch")
         if n_threads is not None and n_threads < 1:
             raise UserError(f"n_threads must be positive, not {n_threads}")
-        self.model_path = str(model_path)
         self.greedy = bool(greedy)
-        native.set_verbose(verbose)
-        lib = native.llama()
-        self._lib = lib
-        self._ctx = None
-        self._batch = None
-        self._model = native.load_model(model_path, n_gpu_layers=n_gpu_layers)
+        super().__init__(
+            model_path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_threads=n_threads,
+            n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, verbose=verbose,
+            train_ctx_error=None if allow_beyond_train_ctx else (
+                lambda n, t: f"the longest test needs {n} tokens of context, more than the model's "
+                             f"training context ({t}); use fewer --pp/--tg/--regime-tokens"))
         try:
-            vocab = lib.llama_model_get_vocab(self._model)
-            self.n_vocab = int(lib.llama_vocab_n_tokens(vocab))
-            self.n_ctx_train = int(lib.llama_model_n_ctx_train(self._model))
-            self.add_bos = bool(lib.llama_vocab_get_add_bos(vocab))
-            self.bos_id = int(lib.llama_vocab_bos(vocab))
-            if n_ctx > self.n_ctx_train and not allow_beyond_train_ctx:
-                raise UserError(f"the longest test needs {n_ctx} tokens of context, more than the model's "
-                                f"training context ({self.n_ctx_train}); use fewer --pp/--tg/--regime-tokens")
+            lib = self._lib
             self.file_size = Path(model_path).stat().st_size
             self.n_params = int(lib.llama_model_n_params(self._model))
             buf = ctypes.create_string_buffer(256)
             lib.llama_model_desc(self._model, buf, 256)
             self.model_desc = buf.value.decode(errors="replace")
-            self.n_ctx = int(n_ctx)
-            self.n_batch = min(int(n_batch), self.n_ctx)
-            self.n_ubatch = min(int(n_ubatch), self.n_batch)
-            self.n_threads = int(n_threads) if n_threads else native.default_threads()
-            cparams = lib.llama_context_default_params()
-            cparams.n_ctx = self.n_ctx
-            cparams.n_batch = self.n_batch
-            cparams.n_ubatch = self.n_ubatch
-            cparams.n_seq_max = 1
-            cparams.n_threads = self.n_threads
-            cparams.n_threads_batch = self.n_threads
-            cparams.flash_attn_type = (lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
-                                       else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-            cparams.no_perf = True
-            self._ctx = lib.llama_init_from_model(self._model, cparams)
-            if not self._ctx:
-                raise UserError(f"llama.cpp could not create a context (n_ctx={self.n_ctx}, "
-                                f"n_batch={self.n_batch}, n_ubatch={self.n_ubatch}); lower them or free memory")
-            self._memory = lib.llama_get_memory(self._ctx)
-            self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
-            b = self._batch
-            self._tok = np.ctypeslib.as_array(b.token, shape=(self.n_batch,))
-            self._pos = np.ctypeslib.as_array(b.pos, shape=(self.n_batch,))
-            self._out = np.ctypeslib.as_array(b.logits, shape=(self.n_batch,))
-            np.ctypeslib.as_array(b.n_seq_id, shape=(self.n_batch,))[:] = 1
-            for i in range(self.n_batch):
-                b.seq_id[i][0] = 0
             self._rng = np.random.default_rng(seed)
             self.settings = {
                 "n_ctx": self.n_ctx, "n_batch": self.n_batch, "n_ubatch": self.n_ubatch,
@@ -293,13 +259,6 @@ class SpeedRunner:
             toks[0] = self.bos_id  # llama-bench starts every test with BOS
         return toks
 
-    def _decode(self, n: int, pos0: int) -> None:
-        self._pos[:n] = np.arange(pos0, pos0 + n, dtype=np.int32)
-        self._batch.n_tokens = n
-        rc = self._lib.llama_decode(self._ctx, self._batch)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode failed with code {rc} at position {pos0}")
-
     def _argmax_last(self) -> int:
         ptr = self._lib.llama_get_logits_ith(self._ctx, -1)
         row = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(self.n_vocab,))
@@ -313,7 +272,7 @@ class SpeedRunner:
         lib = self._lib
         prompt = self._random_tokens(test.n_prompt, first=True)
         gen = self._random_tokens(test.n_gen, first=test.n_prompt == 0)
-        lib.llama_memory_clear(self._memory, True)
+        self.clear()
         lib.llama_synchronize(self._ctx)
         t0 = time.perf_counter()
         for start in range(0, test.n_prompt, self.n_batch):
@@ -321,45 +280,19 @@ class SpeedRunner:
             self._tok[:m] = prompt[start:start + m]
             self._out[:m] = 0
             self._out[m - 1] = 1  # only the last position of each piece, as llama-bench
-            self._decode(m, start)
+            self.decode(m, start)
         lib.llama_synchronize(self._ctx)
         t1 = time.perf_counter()
         self._out[0] = 1
         token = self._argmax_last() if (self.greedy and test.n_prompt) else None
         for i in range(test.n_gen):
             self._tok[0] = token if token is not None else gen[i]
-            self._decode(1, test.n_prompt + i)
+            self.decode(1, test.n_prompt + i)
             if self.greedy:
                 token = self._argmax_last()
         lib.llama_synchronize(self._ctx)
         t2 = time.perf_counter()
         return t1 - t0, t2 - t1
-
-    def close(self) -> None:
-        lib = getattr(self, "_lib", None)
-        if lib is None:
-            return
-        if self._batch is not None:
-            lib.llama_batch_free(self._batch)
-            self._batch = None
-        if self._ctx:
-            lib.llama_free(self._ctx)
-            self._ctx = None
-        if getattr(self, "_model", None):
-            native.free_model(self._model)
-            self._model = None
-
-    def __enter__(self) -> "SpeedRunner":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):  # pragma: no cover - best effort at interpreter exit
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 # -- public entry points ---------------------------------------------------------------------------
