@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ggufopt_ray.errors import UserError
-from ggufopt_ray.store.chunkdir import ChunkDirectory
+from ggufopt_ray.store.chunkdir import ChunkStore
 
 IDENTITY_KEYS = ("model_fingerprint", "vocab_fingerprint", "corpus_fingerprint", "n_ctx", "n_vocab",
                  "encoding", "encoding_params", "first", "n_chunks")
@@ -28,33 +28,16 @@ def baseline_identity(header: dict) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class BaselineStore:
-    def __init__(self, root: str | Path):
-        self.dir = ChunkDirectory(root, kind="baseline")
-        self.header: dict = {}
-
-    @property
-    def root(self) -> Path:
-        return self.dir.root
+class BaselineStore(ChunkStore):
+    KIND = "baseline"
+    IDENTITY_KEYS = IDENTITY_KEYS
 
     @classmethod
-    def open(cls, root: str | Path) -> "BaselineStore":
-        store = cls(root)
-        store.header = store.dir.read_header()
-        return store
-
-    @classmethod
-    def create_or_open(cls, root: str | Path, header: dict, overwrite: bool = False) -> "BaselineStore":
-        """Create with ``header`` or reopen an identical one; a different identity is refused."""
-        store = cls(root)
-        if overwrite:
-            store.dir.remove()
+    def prepare_header(cls, header: dict) -> dict:
         missing = [k for k in IDENTITY_KEYS if k not in header]
         if missing:
             raise ValueError(f"baseline header lacks {missing}")
-        header = {**header, "baseline_id": baseline_identity(header)}
-        store.header = store.dir.create_or_check(header, IDENTITY_KEYS)
-        return store
+        return {**header, "baseline_id": baseline_identity(header)}
 
     @property
     def baseline_id(self) -> str:
@@ -63,12 +46,6 @@ class BaselineStore:
     @property
     def n_chunks(self) -> int:
         return int(self.header["n_chunks"])
-
-    def has(self, index: int) -> bool:
-        return self.dir.has(index)
-
-    def committed(self) -> list[int]:
-        return self.dir.committed()
 
     def complete(self) -> bool:
         return self.dir.first_missing(0, self.n_chunks) is None

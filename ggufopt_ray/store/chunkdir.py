@@ -200,3 +200,47 @@ class ChunkDirectory:
         for i in doomed:
             self.delete_chunk(i)
         return doomed
+
+
+class ChunkStore:
+    """Base of the typed stores: a ChunkDirectory of one ``KIND`` plus its header.
+
+    Subclasses name their ``KIND`` and the ``IDENTITY_KEYS`` of their header; ``prepare_header``
+    may add derived fields before the header is written or compared.
+    """
+
+    KIND = ""
+    IDENTITY_KEYS: tuple[str, ...] = ()
+
+    def __init__(self, root: str | Path):
+        self.dir = ChunkDirectory(root, kind=self.KIND)
+        self.header: dict = {}
+
+    @property
+    def root(self) -> Path:
+        return self.dir.root
+
+    @classmethod
+    def open(cls, root: str | Path):
+        store = cls(root)
+        store.header = store.dir.read_header()
+        return store
+
+    @classmethod
+    def prepare_header(cls, header: dict) -> dict:
+        return header
+
+    @classmethod
+    def create_or_open(cls, root: str | Path, header: dict, overwrite: bool = False):
+        """Create with ``header`` or reopen an identical one; a different identity is refused."""
+        store = cls(root)
+        if overwrite:
+            store.dir.remove()
+        store.header = store.dir.create_or_check(cls.prepare_header(header), cls.IDENTITY_KEYS)
+        return store
+
+    def has(self, index: int) -> bool:
+        return self.dir.has(index)
+
+    def committed(self) -> list[int]:
+        return self.dir.committed()

@@ -8,43 +8,16 @@ time (after a crash, with another stopping rule) without re-running the model. O
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from ggufopt_ray.store.chunkdir import ChunkDirectory
+from ggufopt_ray.store.chunkdir import ChunkStore
 
 IDENTITY_KEYS = ("baseline_id", "candidate", "imatrix_hash", "encoding", "first")
 
 
-class ResultsStore:
-    def __init__(self, root: str | Path):
-        self.dir = ChunkDirectory(root, kind="results")
-        self.header: dict = {}
-
-    @property
-    def root(self) -> Path:
-        return self.dir.root
-
-    @classmethod
-    def create_or_open(cls, root: str | Path, header: dict, overwrite: bool = False) -> "ResultsStore":
-        store = cls(root)
-        if overwrite:
-            store.dir.remove()
-        store.header = store.dir.create_or_check(header, IDENTITY_KEYS)
-        return store
-
-    @classmethod
-    def open(cls, root: str | Path) -> "ResultsStore":
-        store = cls(root)
-        store.header = store.dir.read_header()
-        return store
-
-    def has(self, index: int) -> bool:
-        return self.dir.has(index)
-
-    def committed(self) -> list[int]:
-        return self.dir.committed()
+class ResultsStore(ChunkStore):
+    KIND = "results"
+    IDENTITY_KEYS = IDENTITY_KEYS
 
     def write(self, index: int, per_token: dict[str, np.ndarray]) -> None:
         self.dir.write_chunk(index, {k: np.asarray(v) for k, v in per_token.items()})
