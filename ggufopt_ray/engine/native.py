@@ -11,7 +11,9 @@ import ctypes
 import os
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from ggufopt_ray.errors import UserError
 from ggufopt_ray.gguf.inspect import inspect_model
@@ -20,6 +22,8 @@ _lock = threading.Lock()
 _initialised = False
 _verbose = False
 _log_callback = None  # keep a reference: llama.cpp holds the raw function pointer
+_log_sinks: list[list[str]] = []  # active capture_log() blocks
+_capture_lock = threading.Lock()
 
 
 def llama():
@@ -32,13 +36,39 @@ def llama():
 def _make_log_callback(lib):
     @lib.llama_log_callback
     def _callback(level, text, user_data):  # noqa: ARG001 - signature fixed by llama.cpp
-        if _verbose:
-            try:
-                sys.stderr.write(text.decode("utf-8", "replace"))
-            except Exception:  # never let a log line raise inside native code
-                pass
+        try:
+            s = text.decode("utf-8", "replace")
+            for sink in _log_sinks:
+                sink.append(s)
+            if _verbose:
+                sys.stderr.write(s)
+        except Exception:  # never let a log line raise inside native code
+            pass
 
     return _callback
+
+
+@contextmanager
+def capture_log() -> Iterator[list[str]]:
+    """Collect llama.cpp's log text emitted inside the block (still echoed when verbose).
+
+    Some results exist only as log lines: ``llama_model_quantize`` returns 0 or 1, and the reason
+    of a failure or the per-tensor plan of a dry run are printed through the log. Captures are
+    serialised because the log is process-global.
+    """
+    ensure_backend()
+    sink: list[str] = []
+    with _capture_lock:
+        _log_sinks.append(sink)
+        try:
+            yield sink
+        finally:
+            _log_sinks.remove(sink)
+
+
+def log_lines(fragments: list[str]) -> list[str]:
+    """Captured fragments as whole lines."""
+    return "".join(fragments).splitlines()
 
 
 def set_verbose(verbose: bool) -> None:

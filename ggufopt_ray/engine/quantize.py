@@ -258,11 +258,11 @@ class _NativeParams:
     def run(self, inp: Path, out: Path | None) -> list[str]:
         """Call llama_model_quantize; return llama.cpp's log lines; raise on failure."""
         from ggufopt_ray.engine import native
-        from ggufopt_ray.engine.logcapture import capture_llama_log, log_lines
+        from ggufopt_ray.engine.native import capture_log, log_lines
 
         lib = native.llama()
         target = str(out) if out is not None else str(inp) + ".dry-run-never-written"
-        with capture_llama_log() as fragments:
+        with capture_log() as fragments:
             rc = lib.llama_model_quantize(str(inp).encode(), target.encode(), ctypes.byref(self.params))
         lines = log_lines(fragments)
         if rc != 0:
