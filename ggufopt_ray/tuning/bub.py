@@ -755,14 +755,7 @@ def grid_bub(model_path: str | Path, n_ctx: int = 512, *, n_chunks: int = 5,
     setup = _prepare(model_path, n_ctx, n_threads, memory_budget, min_size, sizes)
     chunks = make_chunks(setup.dims, setup.n_ctx, n_chunks, tokens=tokens, seed=seed)
     measure = measure_fn or _default_measure(setup, chunks, n_gpu_layers, flash_attn, warmup)
-    evaluations = []
-    bar = _progress(len(setup.fitting), "bub grid", progress)
-    try:
-        for cfg in setup.fitting:
-            evaluations.append(measure(cfg, None))
-            bar.update(1)
-    finally:
-        bar.close()
+    evaluations = _measure_each(setup.fitting, measure, "bub grid", progress)
     return _finish(setup, "grid", evaluations, near_best_pct, n_chunks, seed, t0)
 
 
@@ -790,15 +783,21 @@ def measure_configs(model_path: str | Path, configs: Sequence[BubConfig | tuple[
                         "raise --memory-budget")
     chunks = make_chunks(setup.dims, setup.n_ctx, n_chunks, tokens=tokens, seed=seed)
     measure = measure_fn or _default_measure(setup, chunks, n_gpu_layers, flash_attn, warmup)
+    evaluations = _measure_each(setup.fitting, measure, "bub configs", progress)
+    return _finish(setup, "manual", evaluations, near_best_pct, n_chunks, seed, t0)
+
+
+def _measure_each(configs, measure, desc: str, progress: bool) -> list:
+    """Measure every configuration in order (no pruning), with a progress bar."""
     evaluations = []
-    bar = _progress(len(setup.fitting), "bub configs", progress)
+    bar = _progress(len(configs), desc, progress)
     try:
-        for cfg in setup.fitting:
+        for cfg in configs:
             evaluations.append(measure(cfg, None))
             bar.update(1)
     finally:
         bar.close()
-    return _finish(setup, "manual", evaluations, near_best_pct, n_chunks, seed, t0)
+    return evaluations
 
 
 # -- presentation ----------------------------------------------------------------------------------
