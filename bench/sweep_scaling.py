@@ -6,6 +6,9 @@ run starts with empty candidate and results caches so that both configurations d
 work; runs alternate (1, 2, 1, 2, ...) and the medians are compared.
 
     python bench/sweep_scaling.py [--quick] [--json PATH] [--rounds N]
+
+Without --quick the trials run on ../shared/models/tinycode-a-f32.gguf (a trained 7.3M-parameter
+model) with 16 chunks of 512 tokens each, so that a trial's work, not Ray's bookkeeping, dominates.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+SHARED_MODEL = ROOT.parent / "shared" / "models" / "tinycode-a-f32.gguf"
 
 TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M"]
 
@@ -42,9 +46,14 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="sweep-scaling-"))
     cfg = SweepConfig()
     cfg.cache_dir = str(work / "cache")
-    n_ctx = 128 if args.quick else 256
+    n_ctx = 128 if args.quick else 512
     cfg.model.n_ctx = cfg.model.n_batch = cfg.model.n_ubatch = n_ctx
-    cfg.dataset.eval_chunks = 4 if args.quick else 8
+    cfg.dataset.eval_chunks = 4 if args.quick else 16
+    if not args.quick:
+        if SHARED_MODEL.exists():
+            cfg.model.path = str(SHARED_MODEL)
+        else:
+            print(f"note: {SHARED_MODEL} not found; using the synthetic model", file=sys.stderr)
     cfg.dataset.calib_chunks = 1
     cfg.metrics.early_stopping = False
     cfg.search.types = TYPES
@@ -63,7 +72,7 @@ def main(argv=None) -> int:
             computed += res.baseline["computed"]
             walls[workers].append(res.baseline["trials_seconds"])
     w1, w2 = statistics.median(walls[1]), statistics.median(walls[2])
-    out = {"trials": len(TYPES), "chunks_per_trial": cfg.dataset.eval_chunks, "n_ctx": n_ctx, "rounds": rounds,
+    out = {"model": cfg.model.path or "synthetic", "trials": len(TYPES), "chunks_per_trial": cfg.dataset.eval_chunks, "n_ctx": n_ctx, "rounds": rounds,
            "wall_1_worker_s": w1, "wall_2_workers_s": w2, "ratio": w1 / w2,
            "baseline_computations": 1 if computed else 0, "baseline_chunks_computed": computed,
            "runs": {str(k): v for k, v in walls.items()}}

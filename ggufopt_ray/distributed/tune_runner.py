@@ -83,7 +83,7 @@ def run_trials(trainable, *, search: SearchConfig, cluster: ClusterConfig, stora
             # The CSV logger keeps every per-chunk report on disk (curves survive a resume).
             callbacks=[CSVLoggerCallback(), *(callbacks or [])])
         if grid is not None:
-            tune_config = tune.TuneConfig(metric="objective", mode="min", num_samples=1,
+            tune_config = tune.TuneConfig(metric="objective", mode="min", num_samples=1, reuse_actors=True,
                                           max_concurrent_trials=concurrency(cluster),
                                           scheduler=_scheduler(search, n_chunks, min_chunks))
             param_space = {"cfg": tune.grid_search(grid)}
@@ -105,6 +105,7 @@ def run_trials(trainable, *, search: SearchConfig, cluster: ClusterConfig, stora
                                     sampler=optuna.samplers.TPESampler(seed=search.seed,
                                                                        n_startup_trials=min(4, search.num_samples)))
             tune_config = tune.TuneConfig(metric=None if multi else "objective", mode=None if multi else "min",
+                                          reuse_actors=True,
                                           search_alg=searcher,
                                           num_samples=search.num_samples,
                                           max_concurrent_trials=concurrency(cluster),
