@@ -44,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"ggufopt {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`ggufopt ... | head`): stop quietly, as Unix tools do.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"ggufopt {args.command}: interrupted; completed work is kept and a rerun resumes it",
               file=sys.stderr)

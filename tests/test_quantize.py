@@ -229,8 +229,15 @@ def test_cli_errors_are_one_line(tiny_model, imatrix, tmp_path, capsys):
                "not an imatrix")
     _cli_error(capsys, ["quantize", m, "--types", "Q4_0", "--tensor-type", "attn_v", "--out-dir", d],
                "REGEX=TYPE")
-    _cli_error(capsys, ["quantize", m, "--types", "Q4_0", "--out-dir", str(tmp_path / "nope")],
-               "does not exist")
+    (tmp_path / "a-file").write_text("x")
+    _cli_error(capsys, ["quantize", m, "--types", "Q4_0", "--out-dir", str(tmp_path / "a-file")],
+               "is a file, not a folder")
+
+
+def test_cli_creates_a_missing_out_dir(tiny_model, tmp_path):
+    out = tmp_path / "new" / "q"
+    assert main(["quantize", str(tiny_model), "--types", "Q8_0", "--out-dir", str(out), "--threads", "1"]) == 0
+    assert (out / "tiny-seed0-Q8_0.gguf").exists()
 
 
 def test_cli_writes_skips_and_dry_runs(tiny_model, tmp_path, capsys):

@@ -36,7 +36,7 @@ def register(subparsers) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="write nothing; print the size and bits per weight each output would have")
     p.add_argument("--threads", type=int, default=None, help="quantization threads (default: all CPUs)")
-    p.add_argument("--out-dir", default=None, help="folder for the outputs (default: the model's folder)")
+    p.add_argument("--out-dir", default=None, help="folder for the outputs, created if missing (default: the model's folder)")
     p.add_argument("--name", default=None,
                    help="output base name (default: the model's file name without .gguf and -f32/-f16)")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
@@ -61,7 +61,7 @@ def run(args) -> int:
         raise UserError("give at least one type with --types, e.g. --types Q4_K_M Q8_0")
     native.set_verbose(args.verbose)
     results = quantize_types(
-        args.model, args.types, out_dir=args.out_dir, name=args.name, imatrix=args.imatrix,
+        args.model, args.types, out_dir=_ensure_dir(args.out_dir, args.dry_run), name=args.name, imatrix=args.imatrix,
         tensor_types=args.tensor_type, output_type=args.output_type, embd_type=args.embd_type,
         pure=args.pure, dry_run=args.dry_run, threads=args.threads, overwrite=args.overwrite,
         allow_requantize=args.allow_requantize, progress=not (args.json or args.dry_run))
@@ -76,3 +76,16 @@ def run(args) -> int:
     if any(r.skipped for r in results):
         print("skipped outputs already existed; pass --overwrite to redo them", file=sys.stderr)
     return 0
+
+
+def _ensure_dir(out_dir, dry_run: bool):
+    """Create ``--out-dir`` when it is missing (a dry run writes nothing, so it creates nothing)."""
+    from pathlib import Path
+
+    from ggufopt_ray.errors import UserError
+
+    if out_dir and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise UserError(f"--out-dir {out_dir} is a file, not a folder; give a folder")
+    if out_dir and not dry_run:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return out_dir

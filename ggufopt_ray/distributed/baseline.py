@@ -26,7 +26,10 @@ class LogitsWorker:
     def __init__(self, model_path: str, settings: dict, encoding: str, first: int):
         from ggufopt_ray.engine import LogitsEngine, RuntimeSettings
 
-        self.engine = LogitsEngine(model_path, RuntimeSettings(**settings))
+        # Threads follow the CPUs Ray granted this actor unless the config names a count.
+        granted = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        threads = settings.get("n_threads") or max(1, int(granted))
+        self.engine = LogitsEngine(model_path, RuntimeSettings(**{**settings, "n_threads": threads}))
         self.encoding = encoding
         self.first = first
         self.computed = 0
