@@ -66,9 +66,12 @@ def summarize_run(per_chunk: list[dict], confidence: float = 0.95, n_boot: int =
     return summarize_chunks(per_chunk, confidence=confidence, n_boot=n_boot)
 
 
-def summarize(per_chunk: list[dict]) -> dict:
-    """Overall statistics (with uncertainties) over the chunks evaluated so far, as a flat dict."""
-    return summarize_run(per_chunk).to_flat_dict()
+def summarize(per_chunk: list[dict], n_boot: int = 1000) -> dict:
+    """Overall statistics (with uncertainties) over the chunks evaluated so far, as a flat dict.
+
+    ``n_boot`` bootstrap resamples give the composite's interval; running reports during a
+    trial can use fewer than the final row."""
+    return summarize_run(per_chunk, n_boot=n_boot).to_flat_dict()
 
 
 def stop_decision(per_chunk: list[dict], cfg: MetricsConfig) -> tuple[bool, str]:

@@ -164,3 +164,20 @@ def test_bub_search_on_ray(ray_local, tmp_path):
         assert 32 <= r["n_ubatch"] <= r["n_batch"] <= 128 and r["tokens_per_s"] > 0
     assert result.best["tokens_per_s"] == max(r["tokens_per_s"] for r in result.rows)
     assert result.baseline["computed"] == 0  # throughput needs no baseline
+
+
+def test_multi_objective_optuna_returns_a_pareto_front(ray_local, tmp_path):
+    from ggufopt_ray.report.tables import pareto_front
+    from ggufopt_ray.sweep import run_sweep
+
+    cfg = small_sweep_config(tmp_path / "cache", mode="optuna", num_samples=4,
+                             types=["Q8_0", "Q6_K", "Q4_K_M", "Q4_0"], objectives=["composite", "bits_per_weight"])
+    cfg.dataset.eval_chunks = 2
+    result = run_sweep(cfg, tmp_path / "out", log=lambda *a: None)
+    assert not result.errors and len(result.rows) == 4
+    front = {r["label"] for r in result.pareto}
+    assert front and front == {r["label"] for r in pareto_front(result.rows)}
+    for r in result.rows:  # nothing off the front is both smaller and closer than a front member
+        if r["label"] not in front:
+            assert any(p["bits_per_weight"] <= r["bits_per_weight"] and p["composite"] <= r["composite"]
+                       for p in result.pareto)

@@ -142,9 +142,10 @@ def quality_trial(config: dict, ctx: TrialContext) -> None:
                 computed += 1
                 log_event(ctx, "chunk", label=recipe.label(), chunk=i)
             per_chunk.append(metrics)
-            summary = summarize(per_chunk)
             stop, why = stop_decision(per_chunk, ctx.metrics)
             last = i == len(ctx.tokens) - 1
+            # Running reports need a rough interval only; the final row gets the full bootstrap.
+            summary = summarize(per_chunk, n_boot=1000 if (stop or last) else 200)
             if stop and not last:
                 reason = why
             row = {**base_row, **summary, "chunks": i + 1,
