@@ -181,3 +181,42 @@ def test_multi_objective_optuna_returns_a_pareto_front(ray_local, tmp_path):
         if r["label"] not in front:
             assert any(p["bits_per_weight"] <= r["bits_per_weight"] and p["composite"] <= r["composite"]
                        for p in result.pareto)
+
+
+def test_two_baseline_stages_share_one_cluster(ray_local, tiny_model, tmp_path):
+    """Two sweeps on one cluster (multirun, or back to back) must not collide on actor names."""
+    import threading
+
+    from ggufopt_ray.config import ClusterConfig
+    from ggufopt_ray.distributed.baseline import run_baseline
+    from ggufopt_ray.engine import LogitsEngine, RuntimeSettings
+    from ggufopt_ray.evaluation import baseline_payload
+    from ggufopt_ray.store.baseline import BaselineStore
+
+    settings = {"n_ctx": 64, "n_batch": 64, "n_ubatch": 64}
+    rng = np.random.default_rng(3)
+    chunks = [rng.integers(3, 1000, 64).astype(np.int32) for _ in range(2)]
+    results, errors = {}, []
+
+    def stage(k: int) -> None:
+        header = {"model_fingerprint": f"m{k}", "vocab_fingerprint": "v", "corpus_fingerprint": "c",
+                  "n_ctx": 64, "n_vocab": 1024, "encoding": "exact", "encoding_params": {}, "first": 32,
+                  "n_chunks": len(chunks)}
+        store = BaselineStore.create_or_open(tmp_path / f"store{k}", header)
+        try:
+            results[k] = (store, run_baseline(store, chunks, str(tiny_model), settings, "exact", 32,
+                                              ClusterConfig(worker_cpus=1.0)))
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=stage, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(240)
+    assert not errors, errors
+    reference = baseline_payload(LogitsEngine(str(tiny_model), RuntimeSettings(**settings)), chunks[1], "exact", 32)
+    for store, base in results.values():
+        assert base.computed == 2 and base.loaded == 0
+        for key, value in reference.items():
+            np.testing.assert_array_equal(store.read_payload(1)[key], value)

@@ -11,6 +11,7 @@ the chunks are loaded and put once.
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,8 +49,13 @@ class LogitsWorker:
         return self.computed
 
 
-def worker_options(cluster: ClusterConfig, index: int) -> dict:
-    opts: dict = {"name": f"logits-worker-{index}", "num_cpus": cluster.worker_cpus,
+def worker_options(cluster: ClusterConfig, index: int, run_tag: str) -> dict:
+    """Actor options; the name carries a per-run tag because Ray actor names are cluster-wide.
+
+    ``ray.kill`` is asynchronous, so a sweep that starts right after another (multirun, tests)
+    would otherwise collide with the previous run's still-dying ``logits-worker-0``.
+    """
+    opts: dict = {"name": f"logits-worker-{run_tag}-{index}", "num_cpus": cluster.worker_cpus,
                   "max_restarts": 1, "max_task_retries": 1}
     if cluster.worker_gpus:
         opts["num_gpus"] = cluster.worker_gpus
@@ -88,22 +94,26 @@ def run_baseline(store, chunks: list[np.ndarray], model_path: str, settings: dic
     nodes: list[str] = []
     if missing:
         n_workers = max(1, min(cluster.logits_workers, len(missing)))
-        workers = [LogitsWorker.options(**worker_options(cluster, k)).remote(model_path, settings, encoding, first)
+        run_tag = uuid.uuid4().hex[:6]
+        workers = [LogitsWorker.options(**worker_options(cluster, k, run_tag)).remote(model_path, settings, encoding, first)
                    for k in range(n_workers)]
-        nodes = ray.get([w.node_id.remote() for w in workers])
-        pending = {}
-        for k, i in enumerate(missing):
-            ref = workers[k % n_workers].baseline.remote(i, chunks[i])
-            pending[ref] = i
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                i = pending.pop(ref)
-                store.write_payload(i, chunks[i], ray.get(ref))
-                refs[i] = [ref]
-                if progress is not None:
-                    progress(i)
-        for w in workers:
-            ray.kill(w)
+        try:
+            nodes = ray.get([w.node_id.remote() for w in workers])
+            pending = {}
+            for k, i in enumerate(missing):
+                ref = workers[k % n_workers].baseline.remote(i, chunks[i])
+                pending[ref] = i
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                for ref in done:
+                    i = pending.pop(ref)
+                    store.write_payload(i, chunks[i], ray.get(ref))
+                    refs[i] = [ref]
+                    if progress is not None:
+                        progress(i)
+        finally:
+            # Freed even when a chunk fails, so a retry in the same cluster gets its CPUs back.
+            for w in workers:
+                ray.kill(w)
     return BaselineRefs(refs=refs, computed=len(missing), loaded=loaded,
                         seconds=time.perf_counter() - t0, worker_nodes=nodes)
