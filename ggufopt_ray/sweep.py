@@ -10,6 +10,7 @@ Ray Tune and writes one results row per trial, the best row and the Pareto front
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -242,6 +243,9 @@ def main_from_hydra(cfg) -> SweepResult:
     from ggufopt_ray.report.tables import format_results_table
 
     sweep_cfg = to_sweep_config(cfg)
+    if not sweep_cfg.verbose:
+        # Hydra sets the root logger to INFO; gguf's writer would announce every file it writes.
+        logging.getLogger("gguf").setLevel(logging.WARNING)
     out = sweep_cfg.output_dir or HydraConfig.get().runtime.output_dir
     result = run_sweep(sweep_cfg, out)
     print()
