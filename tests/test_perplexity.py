@@ -140,3 +140,24 @@ def test_cli_bad_input(tiny_model, text_file, tmp_path, capsys):
                     "fewer than one chunk")
     _one_line_error(capsys, main(["perplexity", str(tiny_model), "--text-file", str(text_file), "--ctx", "32",
                                   "--first", "31"]), "first scored position")
+
+
+def test_text_is_cut_as_llama_perplexity_cuts_it(engine):
+    """One token stream with BOS in front, whole chunks, each chunk's first token replaced by BOS."""
+    from ggufopt_ray.engine.tokenizer import VocabTokenizer, text_chunks
+
+    assert engine.add_bos
+    plain = engine.tokenize(TEXT)
+    stream = np.concatenate([[engine.bos_id], plain])
+    chunks = text_chunks(engine, TEXT, CTX)
+    assert len(chunks) == stream.size // CTX >= 2
+    for i, chunk in enumerate(chunks):
+        assert chunk[0] == engine.bos_id and chunk.dtype == np.int32
+        np.testing.assert_array_equal(chunk[1:], stream[i * CTX + 1:(i + 1) * CTX])
+    np.testing.assert_array_equal(chunks[0][1:], plain[:CTX - 1])  # no text token lost at the start
+    with VocabTokenizer(engine.model_path) as tok:  # the weight-free tokenizer cuts the same chunks
+        for a, b in zip(text_chunks(tok, TEXT, CTX, max_chunks=2), chunks[:2]):
+            np.testing.assert_array_equal(a, b)
+    assert len(text_chunks(engine, TEXT, CTX, max_chunks=1)) == 1
+    with pytest.raises(UserError, match="fewer than one chunk"):
+        text_chunks(engine, "tiny", CTX)

@@ -57,7 +57,7 @@ def run(args) -> int:
             chunks = [np.asarray(ids, dtype=np.int32)]
         else:
             text = args.text if args.text is not None else Path(args.text_file).read_text(errors="replace")
-            stream = engine.tokenize(text)
+            stream = engine.tokenize(text, add_bos=bool(engine.add_bos))
             if stream.size == 0:
                 raise UserError("the text is empty: nothing to evaluate")
             chunks = [stream[i:i + args.ctx] for i in range(0, stream.size, args.ctx)]

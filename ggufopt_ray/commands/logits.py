@@ -59,21 +59,11 @@ def load_eval_chunks(args, model_path):
     path = Path(args.text_file)
     if not path.is_file():
         raise UserError(f"text file {path} does not exist")
-    from ggufopt_ray.engine.tokenizer import VocabTokenizer
+    from ggufopt_ray.engine.tokenizer import VocabTokenizer, text_chunks
 
     text = path.read_text(errors="replace")
     with VocabTokenizer(model_path) as tok:
-        stream = tok.tokenize(text)
-        n = stream.size // args.ctx
-        if n == 0:
-            raise UserError(f"{path} tokenizes to {stream.size} tokens, fewer than one chunk of {args.ctx}; "
-                            "give more text or a smaller --ctx")
-        chunks = []
-        for i in range(n):
-            c = stream[i * args.ctx:(i + 1) * args.ctx].copy()
-            if tok.add_bos:
-                c[0] = tok.bos_id  # as llama-perplexity: BOS replaces the chunk's first token
-            chunks.append(c.astype(np.int32))
+        chunks = text_chunks(tok, text, args.ctx)  # cut as llama-perplexity cuts them
     fp = hashlib.sha256(np.concatenate(chunks).tobytes() + str(args.ctx).encode()).hexdigest()[:16]
     return chunks, fp
 

@@ -510,15 +510,11 @@ def collect_imatrix(model_path: str | Path, chunks: Iterable[Sequence[int]], *, 
 
 
 def text_chunks(engine, text: str, n_ctx: int, max_chunks: int | None = None) -> list[np.ndarray]:
-    """Cut ``text`` into full chunks of ``n_ctx`` tokens, as llama-imatrix does (BOS at the start)."""
-    stream = engine.tokenize(text, add_bos=bool(engine.add_bos))
-    n = stream.size // n_ctx
-    if n == 0:
-        raise UserError(f"the text tokenizes to {stream.size} tokens, fewer than one chunk of {n_ctx}; "
-                        "give more text or a smaller --ctx")
-    if max_chunks is not None:
-        n = min(n, max_chunks)
-    return [stream[i * n_ctx:(i + 1) * n_ctx].copy() for i in range(n)]
+    """Chunks of ``n_ctx`` tokens cut from ``text`` as llama-imatrix cuts them (see
+    :func:`ggufopt_ray.engine.tokenizer.text_chunks`)."""
+    from ggufopt_ray.engine.tokenizer import text_chunks as cut
+
+    return cut(engine, text, n_ctx, max_chunks)
 
 
 __all__ = ["Imatrix", "ImatrixEntry", "ImatrixCollector", "collect_imatrix", "load_imatrix",

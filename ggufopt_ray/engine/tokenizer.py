@@ -57,3 +57,32 @@ class VocabTokenizer:
             self.close()
         except Exception:
             pass
+
+
+def text_chunks(tokenizer, text: str | bytes, n_ctx: int, max_chunks: int | None = None) -> list[np.ndarray]:
+    """Whole chunks of ``n_ctx`` tokens cut from ``text``, exactly as llama-perplexity and
+    llama-imatrix cut them, so numbers computed on a text file compare with theirs.
+
+    The text is tokenized once with BOS in front when the model adds one (llama.cpp's
+    ``common_tokenize(..., add_special=true)``); the stream is cut into consecutive chunks, the
+    incomplete tail is dropped, and each chunk's first token is replaced (not shifted) by BOS.
+    ``tokenizer`` is anything with ``tokenize``, ``add_bos`` and ``bos_id``: a
+    :class:`VocabTokenizer` or a loaded engine.
+    """
+    from ggufopt_ray.errors import UserError
+
+    add_bos = bool(tokenizer.add_bos) and tokenizer.bos_id >= 0
+    stream = tokenizer.tokenize(text, add_bos=add_bos)
+    n = stream.size // n_ctx
+    if n < 1:
+        raise UserError(f"the text tokenizes to {stream.size} tokens, fewer than one chunk of {n_ctx}; "
+                        "give more text or a smaller context")
+    if max_chunks is not None:
+        n = min(n, int(max_chunks))
+    chunks = []
+    for i in range(n):
+        chunk = stream[i * n_ctx:(i + 1) * n_ctx].astype(np.int32, copy=True)
+        if add_bos:
+            chunk[0] = tokenizer.bos_id
+        chunks.append(chunk)
+    return chunks

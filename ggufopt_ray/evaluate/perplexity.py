@@ -170,13 +170,8 @@ def model_perplexity(model_path: str | Path, chunks: Sequence[np.ndarray], setti
 
 
 def text_chunks(engine, text: str, n_ctx: int, max_chunks: int | None = None) -> list[np.ndarray]:
-    """Cut the tokens of ``text`` into whole chunks of ``n_ctx`` tokens, BOS first, as
-    llama-perplexity does (the incomplete tail is dropped)."""
-    stream = engine.tokenize(text)
-    n_chunks = stream.size // n_ctx
-    if max_chunks is not None:
-        n_chunks = min(n_chunks, int(max_chunks))
-    if n_chunks < 1:
-        raise UserError(f"the text has {stream.size} tokens, fewer than one chunk of {n_ctx}; "
-                        "give more text or a smaller context")
-    return [engine.prepare_chunk(stream[i * n_ctx:(i + 1) * n_ctx]) for i in range(n_chunks)]
+    """Chunks of ``n_ctx`` tokens cut from ``text`` as llama-perplexity cuts them (see
+    :func:`ggufopt_ray.engine.tokenizer.text_chunks`)."""
+    from ggufopt_ray.engine.tokenizer import text_chunks as cut
+
+    return cut(engine, text, n_ctx, max_chunks)
