@@ -216,6 +216,31 @@ def test_formatting_shows_the_digits_the_uncertainty_justifies():
     assert fmt_interval(0.007121898, 0.006567994, 0.007722515) == "0.00712 [0.00657, 0.00772]"
     assert fmt_interval(1.13e-4, 1.07e-4, 1.19e-4) == "1.130 [1.070, 1.190] e-4"
     assert fmt_num(16853.5) == "16,854" and fmt_num(None) == "–"
+    assert fmt_num(3.9471e-5, 3) == "3.95e-5" and fmt_num(9.996e-5, 3, trim=False) == "1.00e-4"
+    assert fmt_num(9.996e-5, 3) == "1e-4" and fmt_num(0.0023449, 3) == "0.00234"
+    assert fmt_num(0.0010049, 3, trim=False) == "0.00100" and fmt_num(0.0010049, 3) == "0.001"
+    assert fmt_num(1234.6) == "1235" and fmt_num(0.5) == "0.5" and fmt_num(-0.0) == "0"
+
+
+def test_terminal_table_keeps_small_klds_readable():
+    """A good Q8_0 has KLD ~5e-5: fixed decimals ("0.00005 ± 0.00000") would hide it."""
+    from ggufopt_ray.report.tables import format_results_table
+
+    row = {"label": "Q8_0", "bits_per_weight": 8.507, "size_bytes": 7.7 * 2**20, "kld_mean": 5.137e-5,
+           "kld_mean_se": 9.7e-7, "kld_median": 3.947e-5, "kld_p99": 2.34e-4, "composite": 4.06e-4,
+           "composite_lo": 3.76e-4, "composite_hi": 4.40e-4, "same_top": 0.995, "same_top_se": 0.0011,
+           "ln_ppl_ratio": -2e-5, "ln_ppl_ratio_se": 1.5e-4, "chunks": 15, "stop_reason": "precision_reached"}
+    table = format_results_table([row, {**row, "label": "Q4_0", "kld_mean": math.nan}])
+    lines = table.splitlines()
+    assert len(lines) == 4 and all(ln.count("|") == lines[0].count("|") for ln in lines)
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    by = dict(zip(header, cells))
+    assert by["KLD mean ± SE"] == "(5.137 ± 0.097)e-5"
+    assert by["median"] == "3.95e-5" and by["p99"] == "2.34e-4"
+    assert by["composite [95% CI]"] == "4.06 [3.76, 4.40] e-4"
+    assert by["same top"] == "99.50 ± 0.11%"
+    assert dict(zip(header, [c.strip() for c in lines[3].strip("|").split("|")]))["KLD mean ± SE"] == "–"
 
 
 def test_quality_report_files_plots_and_table(quality_dir):

@@ -29,14 +29,26 @@ def _exponent(value: float) -> int:
     return math.floor(math.log10(a))
 
 
-def fmt_num(x, sig: int = 4) -> str:
-    """A single number with ``sig`` significant digits; thousands separators for big ones."""
+def fmt_num(x, sig: int = 4, trim: bool = True) -> str:
+    """A single number with ``sig`` significant digits; thousands separators for big ones, a
+    power of ten for tiny ones (``3.95e-5``). ``trim=False`` keeps significant trailing zeros
+    (``0.00100``), so a column of numbers shows the same precision in every row."""
     if not finite(x):
         return DASH
     x = float(x)
-    if abs(x) >= 1e4 and abs(x) < 1e15:
+    if 1e4 <= abs(x) < 1e15:
         return f"{x:,.0f}"
-    return f"{x:.{sig}g}"
+    if x == 0:
+        return "0"
+    if _exponent(x):
+        mantissa, exponent = f"{x:.{sig - 1}e}".split("e")
+        if trim and "." in mantissa:
+            mantissa = mantissa.rstrip("0").rstrip(".")
+        return f"{mantissa}e{int(exponent)}"
+    text = f"{x:.{max(0, sig - 1 - math.floor(math.log10(abs(x))))}f}"
+    if trim and "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text
 
 
 def fmt_pm(value, uncertainty, unit: str = "") -> str:

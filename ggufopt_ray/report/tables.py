@@ -11,6 +11,8 @@ import json
 import math
 from pathlib import Path
 
+from ggufopt_ray.report.format import fmt_interval, fmt_num, fmt_pm
+
 PARETO_X = "bits_per_weight"
 PARETO_Y = "composite"
 
@@ -147,16 +149,19 @@ def format_results_table(rows: list[dict], bub: bool = False) -> str:
             lines.append(f"| {r.get('n_batch')} | {r.get('n_ubatch')} | {_fmt(r.get('tokens_per_s'), '.1f')} | {r.get('chunks')} |")
         return "\n".join(lines)
     head = ("| candidate | bpw | size MiB | KLD mean ± SE | median | p99 | composite [95% CI] | same top | "
-            "ln PPL ratio | chunks | stop |")
+            "ln PPL ratio ± SE | chunks | stop |")
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         size = r.get("size_bytes")
+        # Significant digits, not fixed decimals: a good Q8_0 has KLD ~5e-5, which "0.00005" hides.
+        same_top = fmt_pm(100 * r["same_top"], 100 * r.get("same_top_se", math.nan)) + "%" \
+            if _finite(r.get("same_top")) else "-"
         lines.append(
             f"| {r.get('label')} | {_fmt(r.get('bits_per_weight'), '.3f')} | "
             f"{_fmt(size / 2**20 if _finite(size) else None, '.2f')} | "
-            f"{_fmt(r.get('kld_mean'), '.5f')} ± {_fmt(r.get('kld_mean_se'), '.5f')} | "
-            f"{_fmt(r.get('kld_median'), '.5f')} | {_fmt(r.get('kld_p99'), '.5f')} | "
-            f"{_fmt(r.get('composite'), '.5f')} [{_fmt(r.get('composite_lo'), '.5f')}, {_fmt(r.get('composite_hi'), '.5f')}] | "
-            f"{_fmt(100 * r['same_top'] if _finite(r.get('same_top')) else None, '.2f')}% | "
-            f"{_fmt(r.get('ln_ppl_ratio'), '+.5f')} | {r.get('chunks')} | {r.get('stop_reason')} |")
+            f"{fmt_pm(r.get('kld_mean'), r.get('kld_mean_se'))} | "
+            f"{fmt_num(r.get('kld_median'), 3, trim=False)} | {fmt_num(r.get('kld_p99'), 3, trim=False)} | "
+            f"{fmt_interval(r.get('composite'), r.get('composite_lo'), r.get('composite_hi'))} | "
+            f"{same_top} | {fmt_pm(r.get('ln_ppl_ratio'), r.get('ln_ppl_ratio_se'))} | "
+            f"{r.get('chunks')} | {r.get('stop_reason')} |")
     return "\n".join(lines)
