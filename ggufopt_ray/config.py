@@ -60,6 +60,9 @@ class SearchConfig:
     types: list[str] = field(default_factory=lambda: ["Q8_0", "Q6_K", "Q4_K_M", "Q4_0"])
     imatrix: bool = False  # quantize with an importance matrix from the calibration chunks
     target_bpw: Optional[float] = None  # quant_mix: size budget in bits per weight
+    # quant_mix with target_bpw null: the budget is the base type's own size on this model plus
+    # this many bits per weight (a fixed number suits one model, not every model)
+    target_bpw_over_base: Optional[float] = None
     base_type: str = "Q4_K_M"  # quant_mix: the plain type the mixes start from
     mix_types: list[str] = field(default_factory=lambda: ["Q4_K", "Q5_K", "Q6_K", "Q8_0"])
     mix_groups: list[str] = field(default_factory=lambda: [  # tensor groups a mix may change

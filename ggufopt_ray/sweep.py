@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ggufopt_ray.config import SweepConfig
@@ -147,6 +147,12 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
     model_fp = model_fingerprint(model_path)
     log(f"model    {model_path.name}: {info.architecture}, {info.n_params:,} params, "
         f"{info.bits_per_weight:.2f} bpw, vocab {info.vocab_size}")
+    budget = resolve_size_budget(cfg, model_path, _n_layer(model_path))
+    if budget is not None:  # the trials see the budget resolved for this model
+        cfg = replace(cfg, search=replace(cfg.search, target_bpw=budget["target_bpw"]))
+        log(f"budget   {cfg.search.base_type} is {budget['base_bpw']:.3f} bpw on this model; "
+            f"mixes up to {budget['target_bpw']:.3f} bpw")
+
     ev, cal = prepare_data(cfg, model_path, cache)
     log(f"data     {len(ev)} evaluation + {len(cal) if cal else 0} calibration chunks of {cfg.model.n_ctx} tokens "
         f"({cfg.dataset.source})")
@@ -214,7 +220,7 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
             f"(growth stops when the composite improves by less than {100 * g['threshold']:.1f}%)")
     (output_dir / "sweep.json").write_text(json.dumps({
         "baseline": baseline_meta, "provenance": provenance, "errors": outcome.errors,
-        "resumed": outcome.resumed, "dashboard_url": ray_info.dashboard_url,
+        "resumed": outcome.resumed, "dashboard_url": ray_info.dashboard_url, "size_budget": budget,
         "seconds": time.perf_counter() - t0}, indent=2, default=str))
     report = None
     if (output_dir / "results.parquet").exists():
@@ -224,6 +230,39 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
     return SweepResult(output_dir=str(output_dir), rows=rows, best=best, pareto=pareto, baseline=baseline_meta,
                        dashboard_url=ray_info.dashboard_url, seconds=time.perf_counter() - t0,
                        errors=outcome.errors, resumed=outcome.resumed, report=report)
+
+
+def resolve_size_budget(cfg: SweepConfig, model_path: Path, n_layer: int) -> dict | None:
+    """The quant_mix size budget on this model (``None`` without one), in bits per weight.
+
+    A plain type's size depends on the model (output and embedding matrices weigh more in small
+    models: Q4_K_M is 5.0 bpw on the tiny model, 5.23 on a 7M-parameter one), so the budget can be
+    given relative to the base type. A budget that no mix can meet is refused here, by dry runs
+    that take milliseconds, rather than after every trial has been rejected.
+    """
+    search = cfg.search
+    if search.name != "quant_mix" or (search.target_bpw is None and search.target_bpw_over_base is None):
+        return None
+    from ggufopt_ray.distributed.spaces import mix_groups, mix_overrides
+    from ggufopt_ray.engine.quantize import quantize_model
+
+    def dry_bpw(overrides=()) -> float:
+        return quantize_model(model_path, search.base_type, dry_run=True, threads=1,
+                              tensor_types=list(overrides) or None).bits_per_weight
+
+    base = dry_bpw()
+    target = float(search.target_bpw if search.target_bpw is not None
+                   else round(base + float(search.target_bpw_over_base), 4))
+    if target < base:
+        groups = mix_groups(search)
+        smallest = min([base] + [dry_bpw(mix_overrides({f"mix_{g}": t for g in groups}, n_layer))
+                                 for t in search.mix_types])
+        if target < smallest:
+            raise UserError(f"search.target_bpw={target:g} is below the smallest mix of {search.base_type} with "
+                            f"{list(search.mix_types)} on this model ({smallest:.3f} bpw; the base type alone is "
+                            f"{base:.3f}); raise search.target_bpw, or add smaller search.mix_types, or pick a "
+                            "smaller search.base_type")
+    return {"base_type": search.base_type, "base_bpw": round(base, 4), "target_bpw": target}
 
 
 def _n_layer(model_path: Path) -> int:

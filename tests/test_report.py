@@ -241,6 +241,9 @@ def test_terminal_table_keeps_small_klds_readable():
     assert by["composite [95% CI]"] == "4.06 [3.76, 4.40] e-4"
     assert by["same top"] == "99.50 ± 0.11%"
     assert dict(zip(header, [c.strip() for c in lines[3].strip("|").split("|")]))["KLD mean ± SE"] == "–"
+    # the same candidate proposed twice is one line, the one that saw the most chunks
+    twice = format_results_table([{**row, "chunks": 3}, {**row, "label": "Q6_K"}, row]).splitlines()
+    assert len(twice) == 4 and "| Q8_0 (2 trials) |" in twice[2] and twice[2].rstrip().endswith("| 15 | precision_reached |")
 
 
 def test_quality_report_files_plots_and_table(quality_dir):

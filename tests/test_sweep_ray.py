@@ -117,21 +117,40 @@ def test_per_tensor_mix_search_beats_the_plain_type(ray_local, tmp_path):
 
 
 def test_optuna_search_with_size_budget(ray_local, tmp_path):
+    """Every Optuna proposal is fitted to the budget, so every trial measures a candidate."""
     from ggufopt_ray.sweep import run_sweep
 
     cfg = small_sweep_config(tmp_path / "cache", name="quant_mix", mode="optuna", num_samples=4, base_type="Q4_K_M",
                              mix_groups=["attn_v", "ffn_down", "token_embd"], mix_types=["Q5_K", "Q8_0"],
-                             target_bpw=5.0)
+                             target_bpw=None, target_bpw_over_base=0.25)
     cfg.dataset.eval_chunks = 2
     result = run_sweep(cfg, tmp_path / "out", log=lambda *a: None)
+    budget = json.loads((tmp_path / "out" / "sweep.json").read_text())["size_budget"]
+    assert budget["target_bpw"] == pytest.approx(budget["base_bpw"] + 0.25, abs=1e-4)
     assert not result.errors and len(result.rows) == 4
+    assert "Q4_K_M" in [r["label"] for r in result.rows]  # the plain base type is always measured
     for r in result.rows:
-        if r["stop_reason"] == "over_size_budget":
-            assert r["bits_per_weight"] > 5.0 and r["chunks"] == 0
-        else:
-            assert r["bits_per_weight"] <= 5.0 and r["chunks"] == 2
-    if result.best is not None:
-        assert result.best["bits_per_weight"] <= 5.0
+        print(f"{r['sampled_label']:<55} -> {r['label']:<55} {r['bits_per_weight']:.4f} bpw")
+        assert r["bits_per_weight"] <= budget["target_bpw"] + 1e-9 and r["chunks"] == 2
+        assert r["stop_reason"] != "over_size_budget"
+        assert r["fitted_to_budget"] == (r["label"] != r["sampled_label"])
+    assert result.best is not None and result.best["bits_per_weight"] <= budget["target_bpw"]
+
+
+def test_a_budget_no_mix_can_meet_is_refused_before_any_work(tiny_model, tmp_path):
+    from ggufopt_ray.config import SweepConfig
+    from ggufopt_ray.errors import UserError
+    from ggufopt_ray.sweep import resolve_size_budget
+
+    cfg = SweepConfig()
+    cfg.search.name, cfg.search.base_type, cfg.search.mix_types = "quant_mix", "Q4_K_M", ["Q5_K", "Q8_0"]
+    cfg.search.target_bpw = 4.5  # Q4_K_M alone is 5.0 bpw on the tiny model; the mixes only add
+    with pytest.raises(UserError, match=r"search.target_bpw=4.5 is below the smallest mix of Q4_K_M"):
+        resolve_size_budget(cfg, tiny_model, 2)
+    cfg.search.mix_types = ["Q3_K", "Q5_K"]  # a smaller type makes a mix under the base possible
+    assert resolve_size_budget(cfg, tiny_model, 2)["target_bpw"] == 4.5
+    cfg.search.target_bpw, cfg.search.target_bpw_over_base = None, None
+    assert resolve_size_budget(cfg, tiny_model, 2) is None
 
 
 def test_imatrix_size_search_scores_sizes_and_recommends_one(ray_local, tmp_path):

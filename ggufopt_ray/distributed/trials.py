@@ -103,8 +103,11 @@ def quality_trial(config: dict, ctx: TrialContext) -> None:
 
     t_start = time.perf_counter()
     config = config.get("cfg", config)  # grid trials carry their point under "cfg"
+    sampled = recipe_from_config(config, ctx.search).label()
+    config = _fit_to_budget(config, ctx)
     recipe = recipe_from_config(config, ctx.search)
     base_row = {"label": recipe.label(), "recipe": json.dumps(recipe.to_dict(), sort_keys=True),
+                "sampled_label": sampled, "fitted_to_budget": recipe.label() != sampled,
                 "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
     log_event(ctx, "trial_start", label=recipe.label())
     over = _over_budget(recipe, ctx)
@@ -176,6 +179,32 @@ def _objective(summary: dict, cand: dict, ctx: TrialContext) -> float:
     if ctx.search.target_bpw is not None and cand["bits_per_weight"] > ctx.search.target_bpw:
         value += 1e3  # over the size budget: never preferred to a candidate that fits
     return value
+
+
+_SIZERS: dict = {}  # (model, base type) -> MixSizer; trial actors are reused, so this persists
+
+
+def _fit_to_budget(config: dict, ctx: TrialContext) -> dict:
+    """A per-tensor mix over the size budget, stepped down to the nearest mix that fits.
+
+    Sizes come from one dry run of the base type (see :mod:`ggufopt_ray.mixes`); the final mix is
+    still checked by a real dry run in :func:`_over_budget`. Configs that are not mixes, and mixes
+    no change can fit, come back unchanged (the latter are then reported over budget).
+    """
+    from ggufopt_ray.distributed.spaces import mix_overrides
+    from ggufopt_ray.mixes import MixSizer, fit_mix
+
+    groups = {k: v for k, v in config.items() if k.startswith("mix_")}
+    if ctx.search.target_bpw is None or not groups:
+        return config
+    base_type = str(config.get("ftype") or ctx.search.base_type)
+    key = (ctx.base_model, base_type)
+    if key not in _SIZERS:
+        _SIZERS[key] = MixSizer.for_model(ctx.base_model, base_type)
+    sizer, n_layer = _SIZERS[key], int(config.get("n_layer", 0))
+    fitted = fit_mix(groups, list(ctx.search.mix_types),
+                     lambda choice: sizer.bits_per_weight(mix_overrides(choice, n_layer)), float(ctx.search.target_bpw))
+    return config if fitted is None else {**config, **fitted}
 
 
 def _over_budget(recipe, ctx: TrialContext) -> dict | None:

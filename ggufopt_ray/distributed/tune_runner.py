@@ -91,6 +91,8 @@ def run_trials(trainable, *, search: SearchConfig, cluster: ClusterConfig, stora
             import optuna
             from ray.tune.search.optuna import OptunaSearch
 
+            from ggufopt_ray.distributed.spaces import KEEP, mix_groups
+
             optuna.logging.set_verbosity(optuna.logging.WARNING)
 
             multi = len(search.objectives) > 1
@@ -101,7 +103,9 @@ def run_trials(trainable, *, search: SearchConfig, cluster: ClusterConfig, stora
             # the front of which is the Pareto set written with the results.
             metric = ["objective", "bits_per_weight"] if multi else "objective"
             mode = ["min", "min"] if multi else "min"
-            searcher = OptunaSearch(space=space, metric=metric, mode=mode, seed=search.seed,
+            # A mix search starts from the plain base type: the reference every mix must beat.
+            start = ([{f"mix_{g}": KEEP for g in mix_groups(search)}] if search.name == "quant_mix" else None)
+            searcher = OptunaSearch(space=space, metric=metric, mode=mode, seed=search.seed, points_to_evaluate=start,
                                     sampler=optuna.samplers.TPESampler(seed=search.seed,
                                                                        n_startup_trials=min(4, search.num_samples)))
             tune_config = tune.TuneConfig(metric=None if multi else "objective", mode=None if multi else "min",

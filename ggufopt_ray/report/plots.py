@@ -67,6 +67,12 @@ def _log_if_wide(ax, values, axis: str = "y", ratio: float = 20.0) -> None:
         (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
 
 
+def _short(label: str, width: int = 44) -> str:
+    """Mix labels run to 200 characters; a legend that wide squeezes the axes to nothing."""
+    label = str(label)
+    return label if len(label) <= width else label[: width - 1] + "…"
+
+
 def _colors(labels: list[str]) -> dict[str, str]:
     return {label: f"C{i % 10}" for i, label in enumerate(labels)}
 
@@ -139,7 +145,7 @@ def plot_pareto(folder: ResultsFolder, path: Path) -> Plot | None:
     _log_if_wide(ax, pd.concat([y[have], lo[have].dropna(), hi[have].dropna()]).clip(lower=1e-12))
     ax.margins(x=0.1)
     label_all = have.sum() <= 15
-    _annotate(ax, [(x[i], y[i], df.at[i, "label"], "C3" if on_front[i] else "0.25")
+    _annotate(ax, [(x[i], y[i], _short(df.at[i, "label"], 28), "C3" if on_front[i] else "0.25")
                    for i in df.index[have] if label_all or on_front[i] or best[i]])
     ax.set_xlabel("model size (bits per weight)")
     ax.set_ylabel("composite KLD score (nats, lower is better)")
@@ -172,12 +178,12 @@ def plot_chunk_curves(folder: ResultsFolder, path: Path) -> Plot | None:
         c = c.drop_duplicates("_n", keep="last")
         n, m, se = c["_n"], numeric(c, "kld_mean"), numeric(c, "kld_mean_se")
         col = colors[row["label"]]
-        ax1.plot(n, m, "o-", color=col, ms=3, lw=1.5, label=row["label"])
+        ax1.plot(n, m, "o-", color=col, ms=3, lw=1.5, label=_short(row["label"]))
         ax1.fill_between(n, (m - Z95 * se).clip(lower=m * 0.05), m + Z95 * se, color=col, alpha=0.18, lw=0)
         all1 += list(m) + list(m + Z95 * se)
         comp, clo, chi = numeric(c, "composite"), numeric(c, "composite_lo"), numeric(c, "composite_hi")
         if comp.notna().any():
-            ax2.plot(n, comp, "o-", color=col, ms=3, lw=1.5, label=row["label"])
+            ax2.plot(n, comp, "o-", color=col, ms=3, lw=1.5, label=_short(row["label"]))
             ok = clo.notna() & chi.notna()
             ax2.fill_between(n[ok], clo[ok], chi[ok], color=col, alpha=0.18, lw=0)
             all2 += list(comp) + list(chi[ok])
@@ -223,9 +229,9 @@ def plot_kld_distributions(folder: ResultsFolder, path: Path) -> Plot | None:
         v = np.clip(v, floor, None)
         col = colors[lb]
         ax1.hist(v, bins=bins, weights=np.full(len(v), 100.0 / len(v)), histtype="step", lw=1.5, color=col,
-                 label=f"{lb} (n={len(v):,})")
+                 label=f"{_short(lb)} (n={len(v):,})")
         s = np.sort(v)
-        ax2.step(s, np.arange(1, len(s) + 1) / len(s), where="post", color=col, lw=1.5, label=lb)
+        ax2.step(s, np.arange(1, len(s) + 1) / len(s), where="post", color=col, lw=1.5, label=_short(lb))
         for _, q, marker in PERCENTILES:
             p = float(np.percentile(v, q))
             ax2.plot(p, q / 100, marker, color=col, ms=6, mec="black", mew=0.6)

@@ -151,13 +151,24 @@ def format_results_table(rows: list[dict], bub: bool = False) -> str:
     head = ("| candidate | bpw | size MiB | KLD mean ± SE | median | p99 | composite [95% CI] | same top | "
             "ln PPL ratio ± SE | chunks | stop |")
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    # A sampler may propose the same candidate twice (and fitting mixes to a budget can map two
+    # proposals to one mix): one line per candidate, the one that saw the most chunks.
+    repeats: dict[str, int] = {}
+    kept: dict[str, dict] = {}
     for r in rows:
+        label = str(r.get("label"))
+        repeats[label] = repeats.get(label, 0) + 1
+        if label not in kept or (r.get("chunks") or 0) > (kept[label].get("chunks") or 0):
+            kept[label] = r
+    order = list(dict.fromkeys(str(r.get("label")) for r in rows))
+    for r in (kept[label] for label in order):
         size = r.get("size_bytes")
+        n = repeats[str(r.get("label"))]
         # Significant digits, not fixed decimals: a good Q8_0 has KLD ~5e-5, which "0.00005" hides.
         same_top = fmt_pm(100 * r["same_top"], 100 * r.get("same_top_se", math.nan)) + "%" \
             if _finite(r.get("same_top")) else "-"
         lines.append(
-            f"| {r.get('label')} | {_fmt(r.get('bits_per_weight'), '.3f')} | "
+            f"| {r.get('label')}{f' ({n} trials)' if n > 1 else ''} | {_fmt(r.get('bits_per_weight'), '.3f')} | "
             f"{_fmt(size / 2**20 if _finite(size) else None, '.2f')} | "
             f"{fmt_pm(r.get('kld_mean'), r.get('kld_mean_se'))} | "
             f"{fmt_num(r.get('kld_median'), 3, trim=False)} | {fmt_num(r.get('kld_p99'), 3, trim=False)} | "
