@@ -164,6 +164,7 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
     first = cfg.metrics.scored_from if cfg.metrics.scored_from is not None else cfg.model.n_ctx // 2
     if not 0 <= first < cfg.model.n_ctx - 1:
         raise UserError(f"metrics.scored_from={first} leaves nothing to score in chunks of {cfg.model.n_ctx}")
+    _check_baseline_footprint(cfg, len(ev), first, info.vocab_size, log)
     ver = versions()
     header = {"model_fingerprint": model_fp, "vocab_fingerprint": info.vocab_fingerprint,
               "corpus_fingerprint": ev.fingerprint, "n_ctx": cfg.model.n_ctx, "n_vocab": info.vocab_size,
@@ -180,7 +181,9 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
         refs = base.refs
         baseline_meta.update(computed=base.computed, loaded=base.loaded, seconds=round(base.seconds, 3),
                              worker_nodes=base.worker_nodes)
-        log(f"baseline {base.computed} chunks computed, {base.loaded} loaded from {store.root}")
+        size = baseline_footprint(cfg.metrics.encoding, len(ev), cfg.model.n_ctx - 1 - first, info.vocab_size)
+        log(f"baseline {base.computed} chunks computed, {base.loaded} loaded from {store.root} "
+            f"({size / 2**20:,.1f} MiB, {cfg.metrics.encoding})")
         if on_baseline_ready is not None:
             on_baseline_ready(store)
 
@@ -230,6 +233,30 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
     return SweepResult(output_dir=str(output_dir), rows=rows, best=best, pareto=pareto, baseline=baseline_meta,
                        dashboard_url=ray_info.dashboard_url, seconds=time.perf_counter() - t0,
                        errors=outcome.errors, resumed=outcome.resumed, report=report)
+
+
+def baseline_footprint(encoding: str, n_chunks: int, scored_per_chunk: int, n_vocab: int) -> int:
+    """Bytes the baseline keeps in the object store (and on disk) for these chunks."""
+    from ggufopt_ray.metrics.encodings import get_encoding
+
+    return int(n_chunks * scored_per_chunk * get_encoding(encoding).bytes_per_token(n_vocab))
+
+
+def _check_baseline_footprint(cfg: SweepConfig, n_chunks: int, first: int, n_vocab: int, log) -> None:
+    """Say early when the baseline will not fit the object store: Ray would spill it to disk and
+    every trial would read it back from there. Big vocabularies (128k+) make this the first limit."""
+    from ggufopt_ray.distributed.runtime import object_store_bytes
+
+    scored = cfg.model.n_ctx - 1 - first
+    need = baseline_footprint(cfg.metrics.encoding, n_chunks, scored, n_vocab)
+    capacity = object_store_bytes()
+    gib = 2.0**30
+    if capacity and need > 0.5 * capacity:
+        compact = baseline_footprint("compact", n_chunks, scored, n_vocab)
+        log(f"warning  the {cfg.metrics.encoding} baseline takes {need / gib:.2f} GiB of the object store's "
+            f"{capacity / gib:.2f} GiB; past its capacity Ray spills to disk and trials read the baseline "
+            f"back from there. metrics.encoding=compact needs {compact / gib:.2f} GiB, or give Ray more "
+            "object store memory")
 
 
 def resolve_size_budget(cfg: SweepConfig, model_path: Path, n_layer: int) -> dict | None:

@@ -239,3 +239,24 @@ def test_two_baseline_stages_share_one_cluster(ray_local, tiny_model, tmp_path):
         assert base.computed == 2 and base.loaded == 0
         for key, value in reference.items():
             np.testing.assert_array_equal(store.read_payload(1)[key], value)
+
+
+def test_a_baseline_too_big_for_the_object_store_is_flagged(ray_local):
+    """A 128k vocabulary at float16 is ~64 KiB per scored token: the object store is the first limit."""
+    from ggufopt_ray.config import SweepConfig
+    from ggufopt_ray.distributed.runtime import object_store_bytes
+    from ggufopt_ray.metrics.encodings import get_encoding
+    from ggufopt_ray.sweep import _check_baseline_footprint, baseline_footprint
+
+    cfg = SweepConfig()
+    cfg.model.n_ctx, first, vocab = 512, 256, 128256
+    per_chunk = baseline_footprint("float16", 1, 255, vocab)
+    assert per_chunk == 255 * get_encoding("float16").bytes_per_token(vocab)
+    capacity = object_store_bytes()
+    assert capacity > 0
+    logs: list[str] = []
+    _check_baseline_footprint(cfg, int(0.4 * capacity // per_chunk), first, vocab, logs.append)
+    assert logs == []
+    _check_baseline_footprint(cfg, int(0.6 * capacity // per_chunk) + 1, first, vocab, logs.append)
+    assert len(logs) == 1 and "metrics.encoding=compact" in logs[0] and "spill" in logs[0]
+    print(logs[0])

@@ -89,3 +89,10 @@ def start_ray(cluster: ClusterConfig, verbose: bool = False) -> RayInfo:
     return RayInfo(address=ray.get_runtime_context().gcs_address, dashboard_url=url or None,
                    num_cpus=float(res.get("CPU", 0)), num_gpus=float(res.get("GPU", 0)),
                    started_here=started_here)
+
+
+def object_store_bytes() -> float:
+    """The cluster's total object store capacity in bytes (0 when Ray does not say)."""
+    import ray
+
+    return float(ray.cluster_resources().get("object_store_memory", 0.0))
