@@ -111,26 +111,25 @@ def _stat(out: str, label: str) -> float:
     return float(m.group(1))
 
 
-def test_kld_statistics_equal_llama_perplexity_kl_divergence(tools, work):
-    from ggufopt_ray.engine import LogitsEngine
-    from ggufopt_ray.evaluation import baseline_payload, compare_chunk, summarize
+def _llama_kld(tools, base_file: Path, candidate: Path, chunks: int | None = N_CHUNKS) -> str:
+    """llama-perplexity's KL-divergence statistics of ``candidate`` against ``base_file``."""
+    limit = ["--chunks", str(chunks)] if chunks else []
+    out = _run(tools, "llama-perplexity", "-m", str(candidate), "--kl-divergence-base", str(base_file),
+               "--kl-divergence", "-c", str(N_CTX), "-b", str(N_CTX), *limit, "-fa", "off", until="Same top p")
+    return out[out.index("====== Perplexity statistics"):]
 
+
+@pytest.fixture(scope="module")
+def llama_kld(tools, work):
+    """llama-perplexity's own base file of the F32 model and its verdict on the Q4_K_M."""
     base_file = work["dir"] / "base.kld"
-    common = ["-c", str(N_CTX), "-b", str(N_CTX), "--chunks", str(N_CHUNKS), "-fa", "off"]
-    _run(tools, "llama-perplexity", "-m", str(work["f32"]), "-f", str(work["text"]),
-         "--kl-divergence-base", str(base_file), *common, until="Final estimate")
-    out = _run(tools, "llama-perplexity", "-m", str(work["q4"]), "--kl-divergence-base", str(base_file),
-               "--kl-divergence", *common, until="Same top p")
-    out = out[out.index("====== Perplexity statistics"):]
+    _run(tools, "llama-perplexity", "-m", str(work["f32"]), "-f", str(work["text"]), "--kl-divergence-base",
+         str(base_file), "-c", str(N_CTX), "-b", str(N_CTX), "--chunks", str(N_CHUNKS), "-fa", "off",
+         until="Final estimate")
+    return base_file, _llama_kld(tools, base_file, work["q4"])
 
-    first = N_CTX // 2
-    chunks = _chunks(work)
-    with LogitsEngine(work["f32"], _settings()) as engine:
-        payloads = [baseline_payload(engine, c, "llamacpp_uint16", first) for c in chunks]
-    with LogitsEngine(work["q4"], _settings()) as engine:
-        per_chunk = [compare_chunk(engine, c, p, "llamacpp_uint16", first) for c, p in zip(chunks, payloads)]
-    ours = summarize(per_chunk, n_boot=10)
 
+def _assert_same_kld_statistics(ours: dict, out: str) -> None:
     pairs = [("kld_mean", "Mean    KLD"), ("kld_max", "Maximum KLD"), ("kld_p999", "99.9%   KLD"),
              ("kld_p99", "99.0%   KLD"), ("kld_p95", "95.0%   KLD"), ("kld_p90", "90.0%   KLD"),
              ("kld_median", "Median  KLD"), ("kld_min", "Minimum KLD")]
@@ -144,7 +143,71 @@ def test_kld_statistics_equal_llama_perplexity_kl_divergence(tools, work):
     assert ours["ppl_base"] == pytest.approx(_stat(out, "Mean PPL(base)"), rel=1e-4)
     assert ours["ln_ppl_ratio"] == pytest.approx(_stat(out, "Mean ln(PPL(Q)/PPL(base))"), abs=5e-6 + 1e-4)
     assert 100 * ours["same_top"] == pytest.approx(_stat(out, "Same top p"), abs=6e-4)
+
+
+def test_kld_statistics_equal_llama_perplexity_kl_divergence(work, llama_kld):
+    from ggufopt_ray.engine import LogitsEngine
+    from ggufopt_ray.evaluation import baseline_payload, compare_chunk, summarize
+
+    first = N_CTX // 2
+    chunks = _chunks(work)
+    with LogitsEngine(work["f32"], _settings()) as engine:
+        payloads = [baseline_payload(engine, c, "llamacpp_uint16", first) for c in chunks]
+    with LogitsEngine(work["q4"], _settings()) as engine:
+        per_chunk = [compare_chunk(engine, c, p, "llamacpp_uint16", first) for c, p in zip(chunks, payloads)]
+    ours = summarize(per_chunk, n_boot=10)
+    _assert_same_kld_statistics(ours, llama_kld[1])
     assert ours["n_tokens"] == N_CHUNKS * (N_CTX - 1 - first)
+
+
+def test_imported_llama_base_file_gives_llama_perplexity_numbers(work, llama_kld, capsys):
+    """`ggufopt kld-base import` + `ggufopt bench` on llama.cpp's own base file."""
+    import json
+
+    from ggufopt_ray.cli import main
+
+    base_file, out = llama_kld
+    store, results = work["dir"] / "imported", work["dir"] / "imported-results"
+    assert main(["kld-base", "import", str(base_file), "--model", str(work["f32"]), "-o", str(store),
+                 "--overwrite"]) == 0
+    capsys.readouterr()
+    assert main(["bench", str(work["q4"]), "--baseline", str(store), "-o", str(results), "--threads", "2",
+                 "--overwrite", "--json"]) == 0
+    text = capsys.readouterr().out
+    ours = json.loads(text[text.index("{"):])
+    ours = ours.get("overall", ours)
+    _assert_same_kld_statistics(ours, out)
+
+
+def test_exported_baseline_is_read_by_llama_perplexity(tools, work, llama_kld, capsys):
+    """`ggufopt logits --encoding llamacpp_uint16` + `kld-base export`, judged by llama-perplexity."""
+    from ggufopt_ray.cli import main
+    from ggufopt_ray.store.llamacpp_kld import read_kld_base
+
+    store, exported = work["dir"] / "ours-uint16", work["dir"] / "ours.kld"
+    assert main(["logits", str(work["f32"]), "--text-file", str(work["text"]), "--ctx", str(N_CTX),
+                 "--threads", "2", "--encoding", "llamacpp_uint16", "-o", str(store), "--overwrite"]) == 0
+    assert main(["kld-base", "export", str(store), "-o", str(exported), "--chunks", str(N_CHUNKS),
+                 "--overwrite"]) == 0
+    capsys.readouterr()
+    theirs_file, theirs_out = llama_kld
+    ours_out = _llama_kld(tools, exported, work["q4"])  # the same chunks as llama's own file
+    for label in ("Mean    KLD", "Maximum KLD", "99.0%   KLD", "Median  KLD", "Mean PPL(base)"):
+        assert _stat(ours_out, label) == pytest.approx(_stat(theirs_out, label), rel=1e-5, abs=2e-6), label
+    ours, theirs = read_kld_base(exported), read_kld_base(theirs_file)
+    assert (ours.n_ctx, ours.n_vocab, ours.n_chunk) == (theirs.n_ctx, theirs.n_vocab, theirs.n_chunk)
+    np.testing.assert_array_equal(ours.tokens[:, 1:], theirs.tokens[:, 1:])  # BOS slots aside
+    same, worst = 0, 0
+    for i in range(N_CHUNKS):
+        a, b = ours.payload(i), theirs.payload(i)
+        np.testing.assert_allclose(a["scale"], b["scale"], rtol=1e-6)
+        np.testing.assert_allclose(a["min_log_prob"], b["min_log_prob"], rtol=1e-5)
+        diff = np.abs(a["codes"].astype(np.int32) - b["codes"].astype(np.int32))
+        same += int((diff == 0).sum())
+        worst = max(worst, int(diff.max()))
+    total = N_CHUNKS * (N_CTX - 1 - N_CTX // 2) * ours.n_vocab
+    print(f"uint16 codes identical to llama-perplexity's: {same}/{total}; largest difference {worst}")
+    assert worst <= 1 and same / total > 0.99
 
 
 @pytest.fixture(scope="module")
