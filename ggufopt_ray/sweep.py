@@ -219,8 +219,12 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
                                           bub=is_bub, imatrix_threshold=cfg.search.imatrix_gain_threshold)
     if best and best.get("imatrix_growth"):
         g = best["imatrix_growth"]
+        versus = ""
+        if g.get("gain_over_no_imatrix") is not None:
+            versus = (f"; {100 * abs(g['gain_over_no_imatrix']):.1f}% "
+                      f"{'better' if g['gain_over_no_imatrix'] >= 0 else 'worse'} than no imatrix")
         log(f"imatrix  recommended size {g['recommended_imatrix_chunks']} chunks "
-            f"(growth stops when the composite improves by less than {100 * g['threshold']:.1f}%)")
+            f"(growth stops when the composite improves by less than {100 * g['threshold']:.1f}%{versus})")
     (output_dir / "sweep.json").write_text(json.dumps({
         "baseline": baseline_meta, "provenance": provenance, "errors": outcome.errors,
         "resumed": outcome.resumed, "dashboard_url": ray_info.dashboard_url, "size_budget": budget,

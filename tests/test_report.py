@@ -222,6 +222,21 @@ def test_formatting_shows_the_digits_the_uncertainty_justifies():
     assert fmt_num(1234.6) == "1235" and fmt_num(0.5) == "0.5" and fmt_num(-0.0) == "0"
 
 
+def test_imatrix_growth_judges_real_sizes_against_no_imatrix():
+    from ggufopt_ray.report.tables import imatrix_growth
+
+    def rows(scores):
+        return [{"config.imatrix_chunks": k, "composite": v} for k, v in scores.items()]
+
+    # measured on the trained model (IQ4_XS): one chunk is worse than none, growth still pays
+    g = imatrix_growth(rows({0: 0.01496, 1: 0.0188, 2: 0.01693, 4: 0.01579, 8: 0.01480}), 0.01)
+    assert g["recommended_imatrix_chunks"] == 8 and [s["to"] for s in g["steps"]] == [2, 4, 8]
+    assert g["gain_over_no_imatrix"] == pytest.approx((0.01496 - 0.01480) / 0.01496)
+    g = imatrix_growth(rows({1: 1.0, 2: 0.9, 4: 0.895, 8: 0.5}), 0.01)  # 2 -> 4 gains 0.56%: stop
+    assert g["recommended_imatrix_chunks"] == 2 and g["gain_over_no_imatrix"] is None
+    assert imatrix_growth(rows({0: 1.0}), 0.01)["recommended_imatrix_chunks"] is None
+
+
 def test_terminal_table_keeps_small_klds_readable():
     """A good Q8_0 has KLD ~5e-5: fixed decimals ("0.00005 ± 0.00000") would hide it."""
     from ggufopt_ray.report.tables import format_results_table

@@ -135,6 +135,7 @@ def test_optuna_search_with_size_budget(ray_local, tmp_path):
         assert r["stop_reason"] != "over_size_budget"
         assert r["fitted_to_budget"] == (r["label"] != r["sampled_label"])
     assert result.best is not None and result.best["bits_per_weight"] <= budget["target_bpw"]
+    assert f"size budget: **{budget['target_bpw']:.3f} bpw" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_a_budget_no_mix_can_meet_is_refused_before_any_work(tiny_model, tmp_path):
@@ -165,7 +166,11 @@ def test_imatrix_size_search_scores_sizes_and_recommends_one(ray_local, tmp_path
     hashes = {int(r["config.imatrix_chunks"]): r["imatrix_hash"] for r in result.rows}
     assert hashes[0] == "" and hashes[1] and hashes[2] and hashes[1] != hashes[2]
     growth = result.best["imatrix_growth"]
-    assert growth["recommended_imatrix_chunks"] in (0, 1, 2)
+    score = {int(r["config.imatrix_chunks"]): r["composite"] for r in result.rows}
+    expected = 2 if (score[1] - score[2]) / score[1] >= cfg.search.imatrix_gain_threshold else 1
+    assert growth["recommended_imatrix_chunks"] == expected
+    assert growth["gain_over_no_imatrix"] == pytest.approx((score[0] - score[expected]) / score[0])
+    assert f"recommended imatrix: **{expected} calibration chunks" in (tmp_path / "out" / "report.md").read_text()
     for step in growth["steps"]:
         print(f"imatrix {step['from']} -> {step['to']} chunks: composite {step['composite_from']:.5f} -> "
               f"{step['composite_to']:.5f} ({100 * step['relative_gain']:+.1f}%)")

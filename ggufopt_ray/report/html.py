@@ -142,7 +142,27 @@ def _best_summary(folder: ResultsFolder) -> list[tuple[str, str]]:
             ("mean KLD ± SE", fmt_pm(b.get("kld_mean"), b.get("kld_mean_se"))),
             ("same top", fmt_pm(100 * _v(b, "same_top"), 100 * _v(b, "same_top_se"), "%")),
             ("objective", fmt_num(b.get("objective"))),
-            ("chunks", fmt_int(b.get("chunks")))]
+            ("chunks", fmt_int(b.get("chunks")))] + _search_findings(folder)
+
+
+def _search_findings(folder: ResultsFolder) -> list[tuple[str, str]]:
+    """What the search decided beyond the best row: the imatrix size, the size budget."""
+    import json
+
+    items = []
+    best_file = folder.root / "best.json"
+    growth = json.loads(best_file.read_text()).get("imatrix_growth") if best_file.is_file() else None
+    if growth and growth.get("recommended_imatrix_chunks") is not None:
+        text = f"{growth['recommended_imatrix_chunks']} calibration chunks"
+        if growth.get("gain_over_no_imatrix") is not None:
+            g = growth["gain_over_no_imatrix"]
+            text += f" ({100 * abs(g):.1f}% {'better' if g >= 0 else 'worse'} composite than no imatrix)"
+        items.append(("recommended imatrix", text))
+    budget = folder.sweep.get("size_budget")
+    if budget:
+        items.append(("size budget", f"{budget['target_bpw']:.3f} bpw ({budget['base_type']} alone: "
+                                     f"{budget['base_bpw']:.3f})"))
+    return items
 
 
 def _provenance(folder: ResultsFolder) -> list[tuple[str, str]]:

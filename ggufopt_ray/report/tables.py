@@ -116,13 +116,19 @@ def finalize_results(rows: list[dict], history: list[dict], output_dir: Path, pr
 def imatrix_growth(rows: list[dict], threshold: float) -> dict:
     """The seed's iterative calibration, decided from the scored sizes: grow the importance
     matrix while the next size still lowers the composite score by more than ``threshold``
-    (relative); the recommended size is where growth stops paying."""
+    (relative); the recommended size is where growth stops paying.
+
+    Growth is judged among real imatrix sizes (one calibration chunk and up). The size-0 row,
+    the type quantized without an imatrix, is the reference the recommendation is compared with:
+    a tiny imatrix can be worse than none (it overfits a few chunks), which must not stop the
+    growth before it starts.
+    """
     by_size: dict[int, float] = {}
     for r in rows:
         k, v = r.get("config.imatrix_chunks"), r.get("composite")
         if k is not None and _finite(v):
             by_size[int(k)] = min(float(v), by_size.get(int(k), math.inf))
-    sizes = sorted(by_size)
+    sizes = sorted(k for k in by_size if k > 0)
     steps, chosen = [], sizes[0] if sizes else None
     for a, b in zip(sizes, sizes[1:]):
         gain = (by_size[a] - by_size[b]) / by_size[a] if by_size[a] > 0 else 0.0
@@ -131,7 +137,12 @@ def imatrix_growth(rows: list[dict], threshold: float) -> dict:
         if gain < threshold:
             break
         chosen = b
-    return {"threshold": threshold, "steps": steps, "recommended_imatrix_chunks": chosen}
+    none = by_size.get(0)
+    gain_over_none = None
+    if chosen is not None and none is not None and none > 0:
+        gain_over_none = (none - by_size[chosen]) / none
+    return {"threshold": threshold, "steps": steps, "recommended_imatrix_chunks": chosen,
+            "composite_without_imatrix": none, "gain_over_no_imatrix": gain_over_none}
 
 
 def _fmt(x, spec=".4f") -> str:
