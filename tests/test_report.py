@@ -237,6 +237,16 @@ def test_imatrix_growth_judges_real_sizes_against_no_imatrix():
     assert imatrix_growth(rows({0: 1.0}), 0.01)["recommended_imatrix_chunks"] is None
 
 
+def test_bub_table_has_one_line_per_setting():
+    from ggufopt_ray.report.tables import format_results_table
+
+    rows = [{"n_batch": 128, "n_ubatch": 64, "tokens_per_s": 8000.0}, {"n_batch": 32, "n_ubatch": 32, "tokens_per_s": 9000.0},
+            {"n_batch": 128, "n_ubatch": 64, "tokens_per_s": 8600.0}, {"n_batch": 128, "n_ubatch": 64, "tokens_per_s": 8300.0}, {"n_batch": 64, "n_ubatch": 64, "tokens_per_s": 8100.0},
+            {"n_batch": 64, "n_ubatch": 64, "tokens_per_s": 9700.0}]
+    lines = format_results_table(rows, bub=True).splitlines()
+    assert lines[2:] == ["| 32 | 32 | 9000.0 | 1 |", "| 64 | 64 | 8900.0 | 2 |", "| 128 | 64 | 8300.0 | 3 |"]
+
+
 def test_terminal_table_keeps_small_klds_readable():
     """A good Q8_0 has KLD ~5e-5: fixed decimals ("0.00005 ± 0.00000") would hide it."""
     from ggufopt_ray.report.tables import format_results_table

@@ -11,6 +11,8 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+
 from ggufopt_ray.report.format import fmt_interval, fmt_num, fmt_pm
 
 PARETO_X = "bits_per_weight"
@@ -154,10 +156,15 @@ def format_results_table(rows: list[dict], bub: bool = False) -> str:
     if not rows:
         return "(no results)"
     if bub:
-        head = "| n_batch | n_ubatch | tokens/s | chunks |"
-        lines = [head, "|---:|---:|---:|---:|"]
+        # Optuna may time one setting twice: one line per setting, the median of its timings.
+        timings: dict[tuple, list[float]] = {}
         for r in rows:
-            lines.append(f"| {r.get('n_batch')} | {r.get('n_ubatch')} | {_fmt(r.get('tokens_per_s'), '.1f')} | {r.get('chunks')} |")
+            if _finite(r.get("tokens_per_s")):
+                timings.setdefault((r.get("n_batch"), r.get("n_ubatch")), []).append(float(r["tokens_per_s"]))
+        medians = {k: float(np.median(v)) for k, v in timings.items()}
+        lines = ["| n_batch | n_ubatch | tokens/s | trials |", "|---:|---:|---:|---:|"]
+        for (n_batch, n_ubatch), median in sorted(medians.items(), key=lambda kv: -kv[1]):
+            lines.append(f"| {n_batch} | {n_ubatch} | {_fmt(median, '.1f')} | {len(timings[(n_batch, n_ubatch)])} |")
         return "\n".join(lines)
     head = ("| candidate | bpw | size MiB | KLD mean ± SE | median | p99 | composite [95% CI] | same top | "
             "ln PPL ratio ± SE | chunks | stop |")
