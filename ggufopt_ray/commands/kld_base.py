@@ -30,7 +30,7 @@ def register(subparsers) -> None:
     imp.add_argument("--overwrite", action="store_true", help="replace an existing store")
     imp.set_defaults(func=run_import)
     exp = actions.add_parser("export", help="a baseline store -> a llama-perplexity base file",
-                             description="Write STORE (encoding llamacpp_uint16, every chunk committed) as a "
+                             description="Write STORE (encoding llamacpp_uint16; the exported chunks committed) as a "
                              "file llama-perplexity --kl-divergence reads.")
     exp.add_argument("store", help="baseline store from `ggufopt logits --encoding llamacpp_uint16`")
     exp.add_argument("--output", "-o", required=True, help="file to write")
