@@ -1,29 +1,30 @@
-"""KLD-statistics throughput: this implementation vs the original toolkit's style vs memory bandwidth.
+"""KLD-statistics throughput at big vocabularies: ours vs the original toolkit's style vs memory bandwidth.
 
 Per chunk of scored tokens, both sides turn the baseline and the candidate rows into per-token KL
 divergences and the chunk's statistics:
 
-- ours: ``kld_per_token`` (baseline float32 log-probs + candidate float32 logits -> KLD, top-1
-  agreement, Δp, both NLLs) then ``summarize`` (mean ± SE, exact percentiles, PPLs, ...);
+- ours: ``Float16Encoding.compare`` (float16 baseline payload + candidate float32 logits -> KLD,
+  top-1 agreement, Δp, both NLLs; row blocks, 1 and 2 threads) then ``summarize``;
 - original style (src/compare_logits.py of the original toolkit, with --precision 32): float32
   softmax of both full-vocabulary chunks, probabilities clipped to [1e-10, 1], KL = sum p (log p -
   log q), then mean, std, min, max and percentiles of the chunk.
 
-Roofline: the KLD must read 8 * n_vocab bytes per token (a float32 row of each side); nothing
-else is proportional to the vocabulary. ``copy bandwidth`` is the traffic of ``np.copyto`` on a
-256 MiB float32 array (bytes read + bytes written, per second; the STREAM "copy" convention) on
-this machine, one thread. ``roofline tokens/s = copy bandwidth / (8 * n_vocab)``: how fast a pass
-that only streams the two inputs at the speed of a numpy copy would go; ``roofline_fraction`` =
-our tokens/s divided by that.
+Roofline: our compare must read 6 * n_vocab bytes per token (a float16 base row and a float32
+candidate row). ``copy bandwidth`` is the traffic of ``np.copyto`` on a 256 MiB float32 array
+(bytes read + written per second, one thread); ``roofline_fraction`` = our one-thread tokens/s
+divided by ``copy bandwidth / (6 * n_vocab)``.
 
-The three are measured alternately, round after round, in one run (medians reported), with BLAS
-and OpenMP pinned to one thread so that both sides use one core (the machine is shared).
+Also: the compact encoding's encode speed, now vs the implementation before issue 13 (read from
+git at PREVIOUS_COMMIT), alternately.
 
-    python bench/kld_throughput.py [--quick] [--json PATH]
+All measured alternately, round after round, in one run (medians), BLAS/OpenMP pinned to one
+thread. The machine is shared: ratios are the figures to trust, not absolute rates.
 
-Default shape: 8 chunks of 256 tokens x 32000 vocabulary (llama-2 size); --quick: 4 x 256 x 8192.
-JSON keys: tokens_per_s, original_style_tokens_per_s, speedup_vs_original_style,
-roofline_fraction (plus the shape, bandwidth and accuracy figures).
+    python bench/kld_throughput.py [--quick] [--json PATH] [--vocab 32000 128256]
+
+JSON keys (top level: the largest vocabulary): speedup_vs_original_style, roofline_fraction,
+tokens_per_s_1thread, tokens_per_s_2threads, speedup_2threads; ``per_vocab``: those plus the
+compact encode figures and accuracy, per vocabulary size.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ggufopt_ray.metrics.kld import kld_per_token, log_softmax  # noqa: E402
+from ggufopt_ray.metrics.encodings import get_encoding  # noqa: E402
+from ggufopt_ray.metrics.kld import log_softmax  # noqa: E402
 from ggufopt_ray.metrics.stats import summarize  # noqa: E402
 
 
@@ -67,8 +69,8 @@ def original_style(base_logits: np.ndarray, cand_logits: np.ndarray) -> dict:
     return {"kl": kl, "stats": stats}
 
 
-def ours(base_lp: np.ndarray, cand_logits: np.ndarray, ref: np.ndarray):
-    m = kld_per_token(base_lp, cand_logits, ref)
+def ours(enc, payload, cand_logits: np.ndarray, ref: np.ndarray, threads: int = 1):
+    m = enc.compare(payload, cand_logits, ref, threads=threads)
     return m, summarize(m)
 
 
@@ -85,70 +87,133 @@ def copy_bandwidth(src: np.ndarray, dst: np.ndarray) -> float:
     return 2 * src.nbytes / dt
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small shape, few rounds (about a minute or less)")
-    ap.add_argument("--json", type=Path, help="write the figures as one JSON object to this file")
-    ap.add_argument("--rounds", type=int, default=None, help="alternating measurement rounds")
-    args = ap.parse_args(argv)
+# The compact encoder before issue 13 (for the encode-speed ratio), read from git when present.
+PREVIOUS_COMMIT = "2a57c8a62967a77b352bb8e169a5c7e0e1cfd71b"
 
-    n_chunks, n_tok, v = (4, 256, 8192) if args.quick else (8, 256, 32000)
-    rounds = args.rounds or (3 if args.quick else 5)
-    rng = np.random.default_rng(0)
-    base_logits = [broad_logits(rng, n_tok, v) for _ in range(n_chunks)]
-    cand_logits = [(b + np.float32(0.05) * rng.standard_normal(b.shape, np.float32)) for b in base_logits]
-    base_lp = [log_softmax(b) for b in base_logits]  # what a baseline store keeps
-    refs = [rng.integers(0, v, n_tok) for _ in range(n_chunks)]
-    big = np.ones(64 << 20, np.float32)  # 256 MiB, far beyond the caches
-    big_dst = np.empty_like(big)
-    n_tokens = n_chunks * n_tok
 
-    # accuracy, once: both against a float64 reference on the first chunk
+def previous_compact():
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    try:
+        src = subprocess.run(["git", "-C", str(ROOT), "show", f"{PREVIOUS_COMMIT}:ggufopt_ray/metrics/encodings.py"],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    path = Path(tempfile.mkdtemp()) / "previous_encodings.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("previous_encodings", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.CompactEncoding()
+
+
+def measure_vocab(v: int, n_chunks: int, n_tok: int, rounds: int, big, big_dst, rng) -> dict:
+    """One vocabulary size: ours (float16 baseline, 1 and 2 threads) vs original style vs roofline,
+    alternately; compact encode now vs before."""
     from scipy.special import log_softmax as log_softmax64
 
-    la = log_softmax64(base_lp[0].astype(np.float64), axis=1)
-    lb = log_softmax64(cand_logits[0].astype(np.float64), axis=1)
-    exact = (np.exp(la) * (la - lb)).sum(axis=1)
-    err_ours = float(np.max(np.abs(ours(base_lp[0], cand_logits[0], refs[0])[0].kld / exact - 1)))
-    err_orig = float(np.max(np.abs(original_style(base_logits[0], cand_logits[0])["kl"] / exact - 1)))
+    enc = get_encoding("float16")
+    base_logits = [broad_logits(rng, n_tok, v) for _ in range(n_chunks)]
+    cand_logits = [(b + np.float32(0.05) * rng.standard_normal(b.shape, np.float32)) for b in base_logits]
+    refs = [rng.integers(0, v, n_tok) for _ in range(n_chunks)]
+    payloads = [enc.encode(log_softmax(b), r) for b, r in zip(base_logits, refs)]  # what a store keeps
+    n_tokens = n_chunks * n_tok
 
-    t_ours, t_orig, bw = [], [], []
-    copy_bandwidth(big, big_dst)  # touch the pages once
+    # accuracy, once, on the first chunk: the float16 payload's KLD vs float64 KLD of the decoded
+    # float16 log-probs (the encoding's own error is bench/baseline_size.py's business), and the
+    # original style vs float64 on its float32 inputs
+    la = log_softmax64(payloads[0]["logprobs"].astype(np.float64), axis=1)
+    lb = log_softmax64(cand_logits[0].astype(np.float64), axis=1)
+    exact16 = (np.exp(la) * (la - lb)).sum(axis=1) + payloads[0]["xent_correction"]
+    err_ours = float(np.max(np.abs(ours(enc, payloads[0], cand_logits[0], refs[0])[0].kld / exact16 - 1)))
+    la = log_softmax64(base_logits[0].astype(np.float64), axis=1)
+    exact = (np.exp(la) * (la - lb)).sum(axis=1)
+    err_orig = float(np.max(np.abs(original_style(base_logits[0], cand_logits[0])["kl"] / exact - 1)))
+    del la, lb
+
+    t1, t2, t_orig, bw = [], [], [], []
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        for b, c, r in zip(base_lp, cand_logits, refs):
-            ours(b, c, r)
-        t_ours.append(time.perf_counter() - t0)
+        for times, threads in ((t1, 1), (t2, 2)):
+            t0 = time.perf_counter()
+            for p, c, r in zip(payloads, cand_logits, refs):
+                ours(enc, p, c, r, threads)
+            times.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         for b, c in zip(base_logits, cand_logits):
             original_style(b, c)
         t_orig.append(time.perf_counter() - t0)
         bw.append(copy_bandwidth(big, big_dst))
 
-    tps = n_tokens / float(np.median(t_ours))
+    # compact encode: now vs the previous implementation, alternately on one chunk's rows
+    lp = log_softmax(base_logits[0][: min(n_tok, 64)])
+    compact, before = get_encoding("compact"), previous_compact()
+    te, te_old = [], []
+    for _ in range(max(2, rounds // 2)):
+        t0 = time.perf_counter()
+        compact.encode(lp, refs[0][: lp.shape[0]])
+        te.append(time.perf_counter() - t0)
+        if before is not None:
+            t0 = time.perf_counter()
+            before.encode(lp, refs[0][: lp.shape[0]])
+            te_old.append(time.perf_counter() - t0)
+
+    tps1 = n_tokens / float(np.median(t1))
+    tps2 = n_tokens / float(np.median(t2))
     tps_orig = n_tokens / float(np.median(t_orig))
     bandwidth = float(np.median(bw))
-    bytes_per_token = 8 * v
+    bytes_per_token = 6 * v  # float16 base row + float32 candidate row
     roofline_tps = bandwidth / bytes_per_token
-    result = {
-        "tokens_per_s": tps,
-        "original_style_tokens_per_s": tps_orig,
-        "speedup_vs_original_style": tps / tps_orig,
-        "roofline_fraction": tps / roofline_tps,
-        "roofline_tokens_per_s": roofline_tps,
-        "copy_bandwidth_bytes_per_s": bandwidth,
-        "bytes_read_per_token": bytes_per_token,
-        "n_vocab": v, "tokens_per_chunk": n_tok, "chunks": n_chunks, "rounds": rounds, "threads": 1,
+    enc_tps = lp.shape[0] / float(np.median(te))
+    enc_old = lp.shape[0] / float(np.median(te_old)) if te_old else None
+    return {
+        "n_vocab": v, "tokens_per_chunk": n_tok, "chunks": n_chunks, "rounds": rounds,
+        "tokens_per_s": tps1, "tokens_per_s_1thread": tps1, "tokens_per_s_2threads": tps2,
+        "speedup_2threads": tps2 / tps1,
+        "original_style_tokens_per_s": tps_orig, "speedup_vs_original_style": tps1 / tps_orig,
+        "speedup_vs_original_style_2threads": tps2 / tps_orig,
+        "roofline_fraction": tps1 / roofline_tps, "roofline_tokens_per_s": roofline_tps,
+        "copy_bandwidth_bytes_per_s": bandwidth, "bytes_read_per_token": bytes_per_token,
         "max_rel_error_vs_float64": err_ours, "original_style_max_rel_error_vs_float64": err_orig,
+        "compact_encode_tokens_per_s": enc_tps, "previous_compact_encode_tokens_per_s": enc_old,
+        "compact_encode_speedup": (enc_tps / enc_old) if enc_old else None,
     }
-    print(f"KLD statistics, {n_chunks} chunks x {n_tok} tokens x {v} vocab, one thread, "
-          f"median of {rounds} alternating rounds")
-    print(f"{'':34s} {'tokens/s':>10s} {'ratio':>8s} {'max rel err vs f64':>19s}")
-    print(f"{'ours (kld_per_token + summarize)':34s} {tps:10.0f} {1.0:8.2f} {err_ours:19.1e}")
-    print(f"{'original style (float32 softmax)':34s} {tps_orig:10.0f} {tps_orig / tps:8.2f} {err_orig:19.1e}")
-    print(f"{'roofline (copy bandwidth / 8V)':34s} {roofline_tps:10.0f} {roofline_tps / tps:8.2f}")
-    print(f"speedup vs original style: {tps / tps_orig:.2f}x; roofline fraction: {tps / roofline_tps:.2f} "
-          f"(copy bandwidth {bandwidth / 1e9:.1f} GB/s, {bytes_per_token} bytes read per token)")
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer tokens and rounds (about a minute or two)")
+    ap.add_argument("--json", type=Path, help="write the figures as one JSON object to this file")
+    ap.add_argument("--rounds", type=int, default=None, help="alternating measurement rounds")
+    ap.add_argument("--vocab", type=int, nargs="*", default=None, help="vocabulary sizes (default 32000 128256)")
+    args = ap.parse_args(argv)
+
+    vocabs = args.vocab or [32000, 128256]
+    n_chunks, n_tok = (2, 64) if args.quick else (4, 128)
+    rounds = args.rounds or (3 if args.quick else 5)
+    rng = np.random.default_rng(0)
+    big = np.ones(64 << 20, np.float32)  # 256 MiB, far beyond the caches
+    big_dst = np.empty_like(big)
+    copy_bandwidth(big, big_dst)  # touch the pages once
+    per_vocab = [measure_vocab(v, n_chunks, n_tok, rounds, big, big_dst, rng) for v in vocabs]
+    del big, big_dst
+
+    print(f"KLD statistics against a float16 baseline (Float16Encoding.compare + summarize), BLAS 1 thread, "
+          f"median of {rounds} alternating rounds; roofline = copy bandwidth / (6 V bytes per token)")
+    print(f"{'n_vocab':>8s} {'tok/s 1t':>9s} {'tok/s 2t':>9s} {'2t speedup':>10s} {'orig tok/s':>10s} "
+          f"{'vs orig':>8s} {'roofline':>9s} {'max rel err':>11s} {'compact enc':>11s} {'vs before':>9s}")
+    for r in per_vocab:
+        sp = r["compact_encode_speedup"]
+        print(f"{r['n_vocab']:8d} {r['tokens_per_s_1thread']:9.0f} {r['tokens_per_s_2threads']:9.0f} "
+              f"{r['speedup_2threads']:10.2f} {r['original_style_tokens_per_s']:10.0f} "
+              f"{r['speedup_vs_original_style']:8.2f} {r['roofline_fraction']:9.3f} "
+              f"{r['max_rel_error_vs_float64']:11.1e} {r['compact_encode_tokens_per_s']:11.0f} "
+              f"{(f'{sp:.2f}' if sp else 'n/a'):>9s}")
+    head = per_vocab[-1]  # the largest vocabulary's figures at the top level
+    result = {**{k: head[k] for k in ("speedup_vs_original_style", "roofline_fraction", "tokens_per_s_1thread",
+                                      "tokens_per_s_2threads", "speedup_2threads", "n_vocab")},
+              "threads": [1, 2], "per_vocab": per_vocab}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result

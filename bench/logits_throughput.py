@@ -1,19 +1,37 @@
-"""Tokens/s of the logits engine vs a bare llama-cpp-python eval loop on the same model.
+"""Tokens/s of the logits engine: vs a bare llama-cpp-python loop, and the baseline pass vs
+llama-perplexity.
 
-Both sides load the same model with the same n_ctx/n_batch/n_ubatch/threads and produce an owned
-float32 array of all-position logits per chunk. They are timed alternately, round after round,
-so machine noise hits both equally; the figure that matters is the ratio (target >= 0.95).
+Two comparisons, each timed alternately round after round in one run, so machine noise hits both
+sides alike; the figures that matter are the ratios.
 
-    python bench/logits_throughput.py [--quick] [--json PATH] [--model GGUF]
+1. ``ratio`` (target >= 0.95): ``LogitsEngine.logits`` (every position) vs a bare
+   llama-cpp-python ``eval`` loop, same model, n_ctx/n_batch/n_ubatch/threads.
+2. ``ratio_vs_llama_perplexity`` (target >= 1.0): our baseline pass — logits of the scored half
+   of each chunk plus the baseline encoding, as the sweep's LogitsWorker computes it through
+   ``evaluation.baseline_payload`` — vs ``llama-perplexity --kl-divergence-base FILE`` on the
+   same model, text, chunks (n_ctx), n_batch/n_ubatch and threads, with ``-fa off`` (ours runs
+   without flash attention). llama-perplexity is a process that loads the model and tokenizes
+   the text each time, so its steady rate is measured as a difference: a run over all chunks
+   minus a run over one batch of chunks, which cancels start-up, load and tokenization. Ours is
+   timed on a loaded engine. Two of ours are measured: ``per_chunk`` (one chunk per decode,
+   what LogitsWorker does today) and ``packed`` (``logits_many``: ``n_batch // n_ctx`` chunks
+   per decode, as llama-perplexity does); the ratio is the faster of the two, both are printed.
 
-Without --quick and without --model it uses ../shared/models/tinycode-a-f32.gguf when present
-(a trained 7.3M-parameter model, vocab 8192) and says so when it is missing.
+    python bench/logits_throughput.py [--quick] [--json PATH] [--model GGUF] [--text FILE]
+
+Without --quick and without --model it uses ../shared/models/tinycode-a-f16.gguf and its corpus
+../shared/models/corpus/eval.txt when present. llama-perplexity is looked up in
+$GGUFOPT_LLAMA_TOOLS/bin or ~/.cache/ggufopt_ray-llama-tools/VERSION/bin (built by
+.ci/build-llama-tools); without it part 2 is skipped and says so.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,9 +42,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SHARED_MODEL = ROOT.parent / "shared" / "models" / "tinycode-a-f32.gguf"
+SHARED = ROOT.parent / "shared" / "models"
+SHARED_MODEL = SHARED / "tinycode-a-f16.gguf"
+SHARED_TEXT = SHARED / "corpus" / "eval.txt"
+FALLBACK_TEXT = ("def quantize(model, value): return the number of the tensor in the matrix\n"
+                 "The model was made after many years of work, and the people there said it was good. ")
 
 
+# -- part 1: engine vs a bare llama-cpp-python loop ------------------------------------------
 def bare_loop(llm, chunks):
     out = []
     for chunk in chunks:
@@ -40,51 +63,19 @@ def engine_loop(engine, chunks):
     return [engine.logits(chunk) for chunk in chunks]
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny synthetic model, few chunks (~1 min)")
-    ap.add_argument("--json", help="write the figures to this JSON file")
-    ap.add_argument("--model", help="GGUF to measure (default: see module docstring)")
-    ap.add_argument("--ctx", type=int, default=None)
-    ap.add_argument("--chunks", type=int, default=None)
-    ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=None)
-    args = ap.parse_args(argv)
-
+def vs_bare(model, chunks, n_ctx, threads, rounds) -> dict:
     from llama_cpp import Llama
 
     from ggufopt_ray.engine import LogitsEngine, RuntimeSettings
-    from ggufopt_ray.engine.native import default_threads
-    from ggufopt_ray.gguf.synth import SynthSpec, write_synthetic_model
 
-    tmp = tempfile.TemporaryDirectory()
-    if args.model:
-        model = Path(args.model)
-    elif not args.quick and SHARED_MODEL.exists():
-        model = SHARED_MODEL
-    else:
-        if not args.quick:
-            print(f"note: {SHARED_MODEL} not found; using the synthetic model", file=sys.stderr)
-        model = write_synthetic_model(Path(tmp.name) / "tiny.gguf", SynthSpec(seed=0))
-    n_ctx = args.ctx or (256 if args.quick else 512)
-    n_chunks = args.chunks or (4 if args.quick else 8)
-    rounds = args.rounds or (5 if args.quick else 7)
-    threads = args.threads or default_threads()
-    settings = RuntimeSettings(n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512), n_threads=threads)
-
-    engine = LogitsEngine(model, settings)
-    rng = np.random.default_rng(0)
-    chunks = [engine.prepare_chunk(rng.integers(3, engine.n_vocab, n_ctx, dtype=np.int32))
-              for _ in range(n_chunks)]
-    llm = Llama(str(model), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512), n_threads=threads,
+    ub = min(n_ctx, 512)
+    engine = LogitsEngine(model, RuntimeSettings(n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=ub, n_threads=threads))
+    llm = Llama(str(model), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=ub, n_threads=threads,
                 n_threads_batch=threads, logits_all=True, verbose=False)
-
     # Same numbers first: a speed comparison of different computations would mean nothing.
-    a, b = engine_loop(engine, chunks[:1])[0], bare_loop(llm, chunks[:1])[0]
-    max_diff = float(np.abs(a - b).max())
+    max_diff = float(np.abs(engine_loop(engine, chunks[:1])[0] - bare_loop(llm, chunks[:1])[0]).max())
     engine_loop(engine, chunks)  # warm-up both
     bare_loop(llm, chunks)
-
     t_engine, t_bare = [], []
     for r in range(rounds):
         order = (engine_loop, bare_loop) if r % 2 == 0 else (bare_loop, engine_loop)
@@ -92,23 +83,227 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             fn(engine if fn is engine_loop else llm, chunks)
             (t_engine if fn is engine_loop else t_bare).append(time.perf_counter() - t0)
-    tokens = n_ctx * n_chunks
-    engine_tps = tokens / float(np.median(t_engine))
-    bare_tps = tokens / float(np.median(t_bare))
-    result = {
-        "model": str(model), "n_ctx": n_ctx, "chunks": n_chunks, "rounds": rounds, "threads": threads,
-        "n_vocab": engine.n_vocab, "max_abs_logit_diff": max_diff,
-        "engine_tokens_per_s": engine_tps, "bare_tokens_per_s": bare_tps, "ratio": engine_tps / bare_tps,
-    }
-    print(f"model {model.name}  n_ctx {n_ctx}  chunks {n_chunks}  rounds {rounds}  threads {threads}")
-    print(f"{'loop':<10} {'median s':>10} {'tokens/s':>12}")
-    print(f"{'engine':<10} {np.median(t_engine):>10.4f} {engine_tps:>12.1f}")
-    print(f"{'bare':<10} {np.median(t_bare):>10.4f} {bare_tps:>12.1f}")
-    print(f"ratio engine/bare = {result['ratio']:.3f} (target >= 0.95); max |logit diff| = {max_diff:.3g}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
     engine.close()
     llm.close()
+    tokens = sum(len(c) for c in chunks)
+    e_tps, b_tps = tokens / float(np.median(t_engine)), tokens / float(np.median(t_bare))
+    print(f"\n[1] all-position logits, n_ctx {n_ctx}, {len(chunks)} chunks, {rounds} rounds")
+    print(f"{'loop':<10} {'median s':>10} {'tokens/s':>12}")
+    print(f"{'engine':<10} {np.median(t_engine):>10.4f} {e_tps:>12.1f}")
+    print(f"{'bare':<10} {np.median(t_bare):>10.4f} {b_tps:>12.1f}")
+    print(f"ratio engine/bare = {e_tps / b_tps:.3f} (target >= 0.95); max |logit diff| = {max_diff:.3g}")
+    return {"max_abs_logit_diff": max_diff, "engine_tokens_per_s": e_tps, "bare_tokens_per_s": b_tps,
+            "ratio": e_tps / b_tps}
+
+
+# -- part 2: baseline pass vs llama-perplexity --kl-divergence-base ---------------------------
+def find_llama_perplexity(explicit: str | None) -> Path | None:
+    if explicit:
+        return Path(explicit)
+    import importlib.metadata as md
+
+    env = os.environ.get("GGUFOPT_LLAMA_TOOLS")
+    base = Path(env) if env else Path.home() / ".cache" / "ggufopt_ray-llama-tools" / md.version("llama-cpp-python")
+    tool = base / "bin" / "llama-perplexity"
+    return tool if tool.exists() else None
+
+
+def payloads_packed(engine, chunks, encoding: str, first: int) -> list[dict]:
+    """``evaluation.baseline_payload`` for several chunks, ``engine.n_seq`` per decode."""
+    from ggufopt_ray.metrics.encodings import get_encoding
+    from ggufopt_ray.metrics.kld import log_softmax
+
+    enc = get_encoding(encoding)
+    out = []
+    for i in range(0, len(chunks), engine.n_seq):
+        part = chunks[i:i + engine.n_seq]
+        for tokens, rows in zip(part, engine.logits_many(part, first=first)):
+            rows = rows[:-1]
+            out.append(enc.encode(log_softmax(rows, out=rows), tokens[first + 1:]))
+    return out
+
+
+def payloads_per_chunk(engine, chunks, encoding: str, first: int) -> list[dict]:
+    from ggufopt_ray.evaluation import baseline_payload
+
+    return [baseline_payload(engine, c, encoding, first) for c in chunks]
+
+
+def text_file_for(engine, text: str, n_ctx: int, n_chunks: int, path: Path) -> Path:
+    """A prefix of ``text`` that holds ``n_chunks`` chunks (and at least two, as llama-perplexity
+    demands) written to ``path``: both sides then tokenize and cut the same thing."""
+    need = max(n_chunks, 2) * n_ctx
+    chars = min(len(text), need * 6)
+    while True:
+        prefix = text[:chars]
+        if engine.tokenize(prefix, add_bos=engine.add_bos).size >= need or chars >= len(text):
+            break
+        chars = min(len(text), chars * 2)
+    if engine.tokenize(prefix, add_bos=engine.add_bos).size < need:
+        raise SystemExit(f"the text holds fewer than {need} tokens; give a longer --text or fewer --chunks")
+    path.write_text(prefix)
+    return path
+
+
+_PERF = re.compile(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens")
+
+
+def run_llama_perplexity(tool: Path, model: Path, text: Path, n_ctx: int, n_batch: int, n_ubatch: int,
+                         threads: int, chunks: int, base_out: Path) -> tuple[float, float | None]:
+    """Wall seconds of one ``--kl-divergence-base`` run, and its own prompt-eval seconds."""
+    cmd = [str(tool), "-m", str(model), "-f", str(text), "-c", str(n_ctx), "-b", str(n_batch),
+           "-ub", str(n_ubatch), "-t", str(threads), "-tb", str(threads), "--chunks", str(chunks),
+           "--kl-divergence-base", str(base_out), "-fa", "off"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"llama-perplexity failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    m = _PERF.search(proc.stderr)
+    return wall, (float(m.group(1)) / 1000 if m else None)
+
+
+def vs_llama_perplexity(tool, model, text, n_ctx, n_batch, n_ubatch, threads, n_chunks, rounds,
+                        encoding, tmp: Path) -> dict:
+    from ggufopt_ray.engine import LogitsEngine, RuntimeSettings
+    from ggufopt_ray.engine.tokenizer import text_chunks
+
+    settings = RuntimeSettings(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_threads=threads)
+    engine = LogitsEngine(model, settings)
+    n_seq = engine.n_seq
+    n_chunks = max(n_chunks, 2 * n_seq)  # the difference method needs more than one batch
+    text_path = text_file_for(engine, text, n_ctx, n_chunks, tmp / "text.txt")
+    chunks = text_chunks(engine, text_path.read_text(), n_ctx, n_chunks)
+    first = n_ctx // 2  # llama-perplexity scores the second half of each chunk
+    ours = {"per_chunk": payloads_per_chunk, "packed": payloads_packed}
+    small = n_seq  # one batch of chunks: llama-perplexity's fixed costs plus one decode
+
+    # Same numbers first: packed and per-chunk payloads must agree.
+    a, b = payloads_per_chunk(engine, chunks[:n_seq], encoding, first), payloads_packed(engine, chunks[:n_seq], encoding, first)
+    pack_diff = max(float(np.abs(np.asarray(x[k], np.float64) - np.asarray(y[k], np.float64)).max())
+                    for x, y in zip(a, b) for k in x if np.asarray(x[k]).dtype.kind == "f")
+    for fn in ours.values():  # warm-up
+        fn(engine, chunks, encoding, first)
+    base = tmp / "base.kld"
+    run_llama_perplexity(tool, model, text_path, n_ctx, n_batch, n_ubatch, threads, small, base)
+
+    times: dict[str, list[float]] = {"per_chunk": [], "packed": [], "lp_all": [], "lp_small": []}
+    lp_eval: list[float] = []
+    for r in range(rounds):
+        steps = ["per_chunk", "packed", "lp"]
+        for step in (steps if r % 2 == 0 else steps[::-1]):
+            if step == "lp":
+                wall, ev = run_llama_perplexity(tool, model, text_path, n_ctx, n_batch, n_ubatch, threads,
+                                                n_chunks, base)
+                times["lp_all"].append(wall)
+                if ev is not None:
+                    lp_eval.append(ev)
+                times["lp_small"].append(run_llama_perplexity(tool, model, text_path, n_ctx, n_batch, n_ubatch,
+                                                              threads, small, base)[0])
+            else:
+                t0 = time.perf_counter()
+                ours[step](engine, chunks, encoding, first)
+                times[step].append(time.perf_counter() - t0)
+    engine.close()
+    tokens = n_chunks * n_ctx
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    lp_steady = (n_chunks - small) * n_ctx / max(1e-9, med["lp_all"] - med["lp_small"])
+    lp_wall = tokens / med["lp_all"]
+    tps = {k: tokens / med[k] for k in ("per_chunk", "packed")}
+    best = max(tps, key=tps.get)
+    res = {
+        "n_ctx": n_ctx, "n_batch": n_batch, "n_ubatch": n_ubatch, "n_seq": n_seq, "chunks": n_chunks,
+        "rounds": rounds, "encoding": encoding, "scored_from": first,
+        "ours_per_chunk_tokens_per_s": tps["per_chunk"], "ours_packed_tokens_per_s": tps["packed"],
+        "llama_perplexity_tokens_per_s": lp_steady,
+        "llama_perplexity_wall_tokens_per_s": lp_wall,
+        "llama_perplexity_prompt_eval_tokens_per_s": tokens / float(np.median(lp_eval)) if lp_eval else None,
+        "ratio_vs_llama_perplexity": tps[best] / lp_steady, "ratio_best_of": best,
+        "ratio_per_chunk_vs_llama_perplexity": tps["per_chunk"] / lp_steady,
+        "ratio_packed_vs_llama_perplexity": tps["packed"] / lp_steady,
+        "packed_vs_per_chunk_max_abs_payload_diff": pack_diff,
+    }
+    print(f"\n[2] baseline pass ({encoding}) vs llama-perplexity --kl-divergence-base, n_ctx {n_ctx}, "
+          f"n_batch {n_batch}, n_ubatch {n_ubatch}, n_seq {n_seq}, {n_chunks} chunks, {rounds} rounds")
+    print(f"{'side':<34} {'median s':>10} {'tokens/s':>12}")
+    print(f"{'ours, one chunk per decode':<34} {med['per_chunk']:>10.3f} {tps['per_chunk']:>12.1f}")
+    print(f"{'ours, packed (logits_many)':<34} {med['packed']:>10.3f} {tps['packed']:>12.1f}")
+    print(f"{'llama-perplexity, steady':<34} {med['lp_all'] - med['lp_small']:>10.3f} {lp_steady:>12.1f}"
+          f"   (wall {med['lp_all']:.3f} s for all, {med['lp_small']:.3f} s for {small} chunk(s))")
+    if lp_eval:
+        print(f"{'llama-perplexity, its prompt eval':<34} {np.median(lp_eval):>10.3f} "
+              f"{res['llama_perplexity_prompt_eval_tokens_per_s']:>12.1f}")
+    print(f"ratio_vs_llama_perplexity = {res['ratio_vs_llama_perplexity']:.3f} ({best}; target >= 1.0); "
+          f"per-chunk {res['ratio_per_chunk_vs_llama_perplexity']:.3f}, "
+          f"packed {res['ratio_packed_vs_llama_perplexity']:.3f}; "
+          f"packed vs per-chunk payloads max |diff| = {pack_diff:.3g}")
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny synthetic model, few chunks (~1 min)")
+    ap.add_argument("--json", help="write the figures to this JSON file")
+    ap.add_argument("--model", help="GGUF to measure (default: see module docstring)")
+    ap.add_argument("--text", help="text for part 2 (default: the shared corpus's eval.txt)")
+    ap.add_argument("--ctx", type=int, default=None, help="chunk length n_ctx")
+    ap.add_argument("--batch", type=int, default=None, help="n_batch of part 2 (default 4 * n_ctx)")
+    ap.add_argument("--ubatch", type=int, default=512, help="n_ubatch of part 2 (default 512)")
+    ap.add_argument("--chunks", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--encoding", default=None, help="baseline encoding (default: the sweep's)")
+    ap.add_argument("--llama-perplexity", help="path of the llama-perplexity binary")
+    ap.add_argument("--skip-bare", action="store_true", help="only part 2")
+    args = ap.parse_args(argv)
+
+    from ggufopt_ray.config import MetricsConfig
+    from ggufopt_ray.engine import LogitsEngine, RuntimeSettings
+    from ggufopt_ray.engine.native import default_threads
+    from ggufopt_ray.gguf.synth import SynthSpec, write_synthetic_model
+
+    tmp_dir = tempfile.TemporaryDirectory()
+    tmp = Path(tmp_dir.name)
+    if args.model:
+        model = Path(args.model)
+    elif not args.quick and SHARED_MODEL.exists():
+        model = SHARED_MODEL
+    else:
+        if not args.quick:
+            print(f"note: {SHARED_MODEL} not found; using the synthetic model", file=sys.stderr)
+        model = write_synthetic_model(tmp / "tiny.gguf", SynthSpec(seed=0))
+    text = Path(args.text).read_text() if args.text else (
+        SHARED_TEXT.read_text() if SHARED_TEXT.exists() else FALLBACK_TEXT * 400)
+    n_ctx = args.ctx or (256 if args.quick else 512)
+    n_chunks = args.chunks or (8 if args.quick else 16)
+    rounds = args.rounds or (3 if args.quick else 5)
+    threads = args.threads or default_threads()
+    n_batch = args.batch or 4 * n_ctx
+    n_ubatch = min(args.ubatch, n_batch)
+    encoding = args.encoding or MetricsConfig().encoding
+
+    with LogitsEngine(model, RuntimeSettings(n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512),
+                                             n_threads=threads)) as e:
+        n_vocab = e.n_vocab
+        bare_chunks = [e.prepare_chunk(c) for c in np.random.default_rng(0).integers(
+            3, e.n_vocab, (min(n_chunks, 4 if args.quick else 8), n_ctx), dtype=np.int32)]
+    print(f"model {model.name}  vocab {n_vocab}  threads {threads}")
+    result = {"model": str(model), "n_vocab": n_vocab, "threads": threads, "n_ctx": n_ctx}
+    if not args.skip_bare:
+        result.update(vs_bare(model, bare_chunks, n_ctx, threads, rounds))
+    tool = find_llama_perplexity(args.llama_perplexity)
+    if tool is None:
+        print("\n[2] skipped: llama-perplexity not found (build it with .ci/build-llama-tools)")
+        result["ratio_vs_llama_perplexity"] = None
+    else:
+        lp = vs_llama_perplexity(tool, model, text, n_ctx, n_batch, n_ubatch, threads, n_chunks, rounds,
+                                 encoding, tmp)
+        result["llama_perplexity"] = lp
+        for k in ("ratio_vs_llama_perplexity", "ours_per_chunk_tokens_per_s", "ours_packed_tokens_per_s",
+                  "llama_perplexity_tokens_per_s"):
+            result[k] = lp[k]
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
 
 

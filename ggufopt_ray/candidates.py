@@ -3,7 +3,8 @@
 A sweep asks for many candidates and often the same one twice (a retried trial, a resumed sweep,
 two searches sharing a point). Every candidate file is therefore content-addressed by the base
 model's fingerprint, the recipe and the imatrix hash, and built at most once: the build writes to
-a temporary name and renames, so a crash never leaves a half file under the final name.
+a temporary name and renames, so a crash never leaves a half file under the final name, and
+under a per-file lock (``store.locks``), so that processes sharing a cache build each file once.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from ggufopt_ray.errors import UserError
+from ggufopt_ray.store.locks import file_lock
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,7 @@ class Candidate:
     cached: bool
     imatrix_hash: Optional[str] = None
     extra: dict = field(default_factory=dict)  # e.g. ZFP error statistics
+    node_id: str = ""  # the Ray node that built it (where the file is when nodes share no disk)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -118,7 +122,8 @@ def candidate_path(cache_dir: str | Path, model_fp: str, recipe: Recipe, imatrix
     return Path(cache_dir) / "candidates" / model_fp / f"{recipe.file_label()}-{ident}.gguf"
 
 
-def _zfp_config(recipe: Recipe):
+def zfp_config(recipe: Recipe):
+    """The ZFP settings a zfp recipe stands for."""
     from ggufopt_ray.compress import ZfpConfig
 
     param = {"rate": "rate", "precision": "precision", "accuracy": "tolerance", "reversible": None}.get(recipe.zfp_mode)
@@ -143,11 +148,35 @@ def build_candidate(recipe: Recipe, base_model: str | Path, cache_dir: str | Pat
         raise UserError(f"recipe {recipe.label()} needs an importance matrix of {recipe.imatrix_chunks} chunks")
     im_hash = imatrix.hash() if (imatrix is not None and recipe.imatrix_chunks) else None
     out = candidate_path(cache_dir, model_fp, recipe, im_hash)
+    cached = _cached_candidate(recipe, out, im_hash)
+    if cached is not None:
+        return cached
+    # Another process (a concurrent sweep on the same cache, a retried trial) may be building this
+    # very file: wait for it under a lock, then look again, instead of building it twice.
+    with file_lock(out, on_wait=lambda lock: print(f"waiting for another process building {out.name}",
+                                                   file=sys.stderr, flush=True)):
+        cached = _cached_candidate(recipe, out, im_hash)
+        if cached is not None:
+            return cached
+        return _build_locked(recipe, base_model, out, im_hash, imatrix, threads)
+
+
+def _cached_candidate(recipe: Recipe, out: Path, im_hash: str | None) -> Candidate | None:
+    """The finished candidate at ``out`` (its metadata is written last), or None."""
     meta_path = out.with_suffix(".json")
     if out.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
         return Candidate(recipe, str(out), int(meta["size_bytes"]), meta["bits_per_weight"], 0.0, True,
                          im_hash, meta.get("extra", {}))
+    return None
+
+
+def _build_locked(recipe: Recipe, base_model: str | Path, out: Path, im_hash: str | None, imatrix,
+                  threads: int | None) -> Candidate:
+    """Build ``out`` for ``recipe``; the caller holds its lock."""
+    from ggufopt_ray.gguf.inspect import inspect_model
+
+    meta_path = out.with_suffix(".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     extra: dict = {}
@@ -160,7 +189,7 @@ def build_candidate(recipe: Recipe, base_model: str | Path, cache_dir: str | Pat
     else:
         from ggufopt_ray.compress import compress_model
 
-        report = compress_model(base_model, _zfp_config(recipe), out)
+        report = compress_model(base_model, zfp_config(recipe), out)
         extra = {"zfp_bits_per_weight": report.bits_per_weight, "zfp_rmse": report.rmse,
                  "zfp_snr_db": report.snr_db, "zfp_max_abs_error": report.max_abs_error,
                  "zfp_compressed_bytes": report.compressed_bytes,

@@ -43,41 +43,42 @@ class DatasetConfig:
 
 @dataclass
 class MetricsConfig:
-    encoding: str = "float16"  # how baseline log-probs are kept: exact, float16, llamacpp_uint16, topk, compact
+    # how baseline log-probs are kept: auto (float16 when it fits the object store, else compact),
+    # exact, float16, llamacpp_uint16, topk, compact
+    encoding: str = "auto"
     scored_from: Optional[int] = None  # first scored position per chunk; null = n_ctx // 2
     early_stopping: bool = True
-    target: str = "composite"  # mean | median | p90 | p95 | p99 | composite
+    target: str = "mean"  # mean | median | p90 | p95 | p99 | composite: the statistic stopping pins down
     confidence: float = 0.95
     margin: float = 0.1  # stop when the CI half-width < margin * estimate
     min_chunks: int = 4
+    # Racing: candidates are compared on the chunks they share; one that a no-larger candidate
+    # beats with confidence stops (dominated_by=...), and the others' means borrow strength
+    # from the candidate evaluated deepest (a control variate) before the precision rule acts.
+    racing: bool = True
+    alpha: float = 0.05  # chance that a candidate on the size/quality front is ever stopped as dominated
+    min_paired_chunks: int = 3  # shared chunks before any dominance decision
+    max_chunks: Optional[int] = None  # cap on chunks per candidate; null = every evaluation chunk
+    control: str = "auto"  # auto | reference | none: what the means borrow strength from
 
 
 @dataclass
 class SearchConfig:
-    name: str = "quant_types"  # quant_types | quant_mix | imatrix_size | zfp | bub | combined
+    """The settings every search has; each search extends it with its own typed config
+    (``ggufopt_ray/searches/<name>.py``), registered with Hydra as ``search/<name>_schema``."""
+
+    name: str = "quant_types"  # one of ggufopt_ray.searches.SEARCHES
     mode: str = "grid"  # grid: every listed value; optuna: Ray Tune + OptunaSearch
     num_samples: int = 8  # optuna trials
-    types: list[str] = field(default_factory=lambda: ["Q8_0", "Q6_K", "Q4_K_M", "Q4_0"])
-    imatrix: bool = False  # quantize with an importance matrix from the calibration chunks
-    target_bpw: Optional[float] = None  # quant_mix: size budget in bits per weight
-    # quant_mix with target_bpw null: the budget is the base type's own size on this model plus
-    # this many bits per weight (a fixed number suits one model, not every model)
-    target_bpw_over_base: Optional[float] = None
-    base_type: str = "Q4_K_M"  # quant_mix: the plain type the mixes start from
-    mix_types: list[str] = field(default_factory=lambda: ["Q4_K", "Q5_K", "Q6_K", "Q8_0"])
-    mix_groups: list[str] = field(default_factory=lambda: [  # tensor groups a mix may change
-        "attn_v", "attn_k", "attn_qo", "ffn_down", "ffn_up_gate", "output", "token_embd",
-        "first_layers", "last_layers"])
-    imatrix_chunks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    imatrix_gain_threshold: float = 0.01
-    zfp_modes: list[str] = field(default_factory=lambda: ["rate"])
-    zfp_rates: list[float] = field(default_factory=lambda: [4.0, 6.0, 8.0, 12.0])
-    zfp_dims: list[int] = field(default_factory=lambda: [1, 2])
-    bub_max_log2: int = 9
-    bub_min_log2: int = 4
     scheduler: str = "none"  # none | asha | median
     objectives: list[str] = field(default_factory=lambda: ["composite"])  # add bits_per_weight for a Pareto front
     seed: int = 0
+
+
+def _default_search() -> SearchConfig:
+    from ggufopt_ray.searches.quant_types import QuantTypesConfig
+
+    return QuantTypesConfig()
 
 
 @dataclass
@@ -87,12 +88,12 @@ class ClusterConfig:
     num_cpus: Optional[int] = None
     num_gpus: int = 0
     logits_workers: int = 1
-    worker_cpus: float = 1.0
+    worker_cpus: Optional[float] = None  # CPUs per baseline worker; null: a local cluster's free CPUs, 1 on a cluster
     worker_gpus: float = 0.0
     worker_resources: dict[str, float] = field(default_factory=dict)  # e.g. {gpu_node: 0.01}
     task_resources: dict[str, float] = field(default_factory=dict)  # e.g. {cpu_node: 0.01}
     task_cpus: float = 0.0  # CPUs a quantize/imatrix task asks for (0: borrow the waiting trial's)
-    trial_cpus: float = 1.0  # CPUs per trial (its llama.cpp threads)
+    trial_cpus: Optional[float] = None  # CPUs per trial (its llama.cpp threads); null: CPUs / trials, at least 1
     max_concurrent_trials: Optional[int] = None
     max_failures: int = 2
     dashboard: bool = True
@@ -105,12 +106,13 @@ class SweepConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    search: SearchConfig = field(default_factory=SearchConfig)
+    search: SearchConfig = field(default_factory=_default_search)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     output_dir: Optional[str] = None  # null = Hydra's run directory
     cache_dir: Optional[str] = None  # null = $GGUFOPT_CACHE_DIR or ~/.cache/ggufopt_ray
     verbose: bool = False
     seed: int = 0
+    overwrite: bool = False  # true: discard the results of another sweep in output_dir instead of refusing
 
 
 def register_configs() -> None:
@@ -118,19 +120,30 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
-    cs.store(name="sweep_schema", node=SweepConfig)
+    # The primary schema types ``search`` as the base class, so any search's schema merges into it.
+    cs.store(name="sweep_schema", node=SweepConfig(search=SearchConfig()))
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="dataset", name="dataset_schema", node=DatasetConfig)
     cs.store(group="metrics", name="metrics_schema", node=MetricsConfig)
-    cs.store(group="search", name="search_schema", node=SearchConfig)
+    from ggufopt_ray.searches import SEARCHES
+
+    for name, search in SEARCHES.items():  # one schema per search: conf/search/<name>.yaml names it
+        cs.store(group="search", name=f"{name}_schema", node=search.config_class)
     cs.store(group="cluster", name="cluster_schema", node=ClusterConfig)
 
 
 def to_sweep_config(cfg: Any) -> SweepConfig:
-    """A DictConfig (or dict) -> SweepConfig dataclass, validated by OmegaConf's typed merge."""
+    """A DictConfig (or dict) -> SweepConfig dataclass, validated by OmegaConf's typed merge.
+
+    The search part is checked against the typed config of the search it names."""
     from omegaconf import OmegaConf
+
+    from ggufopt_ray.searches import search_class
 
     if isinstance(cfg, SweepConfig):
         return cfg
-    merged = OmegaConf.merge(OmegaConf.structured(SweepConfig), cfg)
+    name = OmegaConf.select(OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg, "search.name",
+                            default=None) or SearchConfig.name
+    schema = SweepConfig(search=search_class(name).config_class())
+    merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
     return OmegaConf.to_object(merged)

@@ -8,6 +8,10 @@ trials. Alignment follows llama-perplexity: logit row ``j`` predicts token ``j +
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
 import numpy as np
 
 from ggufopt_ray.config import MetricsConfig
@@ -28,10 +32,12 @@ def baseline_payload(engine, tokens: np.ndarray, encoding: str, first: int) -> d
     from ggufopt_ray.metrics.encodings import get_encoding
     from ggufopt_ray.metrics.kld import log_softmax
 
-    logits = engine.logits(tokens)
+    tokens = np.asarray(tokens)
+    # Only rows first..n-1 are computed (the engine marks just those as outputs); the last one
+    # predicts nothing. The rows are ours, so the log-softmax overwrites them in place.
+    rows = engine.logits(tokens, first=first)[:-1]
     # The reference tokens go in too: encodings keep their exact baseline log-prob (for NLL, Δp).
-    return get_encoding(encoding).encode(log_softmax(logits[scored_rows(len(tokens), first)]),
-                                         np.asarray(tokens)[first + 1:])
+    return get_encoding(encoding).encode(log_softmax(rows, out=rows), tokens[first + 1:])
 
 
 def compare_logits(rows: np.ndarray, tokens: np.ndarray, payload: dict, encoding: str, first: int) -> dict:
@@ -50,12 +56,12 @@ def compare_chunk(engine, tokens: np.ndarray, payload: dict, encoding: str, firs
     ``candidate_logprobs`` (for a candidate store).
     """
     tokens = np.asarray(tokens)
-    rows = engine.logits(tokens)[scored_rows(len(tokens), first)]
+    rows = engine.logits(tokens, first=first)[:-1]  # the scored rows only; see baseline_payload
     out = compare_logits(rows, tokens, payload, encoding, first)
     if keep_logprobs:
         from ggufopt_ray.metrics.kld import log_softmax
 
-        out["candidate_logprobs"] = log_softmax(rows)
+        out["candidate_logprobs"] = log_softmax(rows, out=rows)  # rows are not needed any more
     return out
 
 
@@ -74,6 +80,19 @@ def summarize(per_chunk: list[dict], n_boot: int = 1000) -> dict:
     return summarize_run(per_chunk, n_boot=n_boot).to_flat_dict()
 
 
+def racing_config(cfg: MetricsConfig, n_chunks: int, n_candidates: int):
+    """The racing rule of a sweep with ``n_chunks`` evaluation chunks and up to ``n_candidates``
+    (None when racing is off, or with under 3 chunks, too few for a paired decision)."""
+    from ggufopt_ray.metrics.racing import RacingConfig
+
+    cap = min(n_chunks, cfg.max_chunks or n_chunks)
+    if not (cfg.early_stopping and cfg.racing) or cap < 3:
+        return None
+    return RacingConfig(target=cfg.target, alpha=cfg.alpha, min_paired_chunks=min(cfg.min_paired_chunks, cap),
+                        max_comparisons=max(1, n_candidates - 1), max_chunks=cap, confidence=cfg.confidence,
+                        margin=cfg.margin, min_chunks=min(max(3, cfg.min_chunks), cap), control=cfg.control)
+
+
 def stop_decision(per_chunk: list[dict], cfg: MetricsConfig) -> tuple[bool, str]:
     """Whether the target statistic is known well enough to stop, and why."""
     if not cfg.early_stopping:
@@ -84,3 +103,71 @@ def stop_decision(per_chunk: list[dict], cfg: MetricsConfig) -> tuple[bool, str]
                         min_chunks=cfg.min_chunks)
     decision = rule.decide([c["kld"] for c in per_chunk])
     return decision.stop, decision.reason
+
+
+@dataclass
+class EvaluationRun:
+    """A candidate's evaluation so far: per-chunk metrics in chunk order, and how it went."""
+
+    per_chunk: list[dict] = field(default_factory=list)
+    reason: str = "all_chunks"  # why it ended: all_chunks, or the stop rule's reason
+    computed: int = 0  # chunks computed in this run (the others came back from the results store)
+    compute_seconds: float = 0.0  # engine + comparison time of the computed chunks
+    tokens_computed: int = 0
+    done: bool = False  # set with the report of the last chunk evaluated
+    last_computed: bool = False  # whether the latest chunk was computed (not read back)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_computed / self.compute_seconds if self.compute_seconds > 0 else float("nan")
+
+
+def evaluate_candidate(n_chunks: int, tokens_of: Callable[[int], np.ndarray], payload_of: Callable[[int], dict],
+                       results, open_engine: Callable[[], object], encoding: str, first: int, *,
+                       stop_rule: Callable[[list[dict]], tuple[bool, str]] | None = None,
+                       on_chunk: Callable[[int, EvaluationRun], None] | None = None,
+                       keep_logprobs: Callable[[int, np.ndarray, np.ndarray], None] | None = None) -> EvaluationRun:
+    """The one chunk loop behind ``ggufopt bench`` and every sweep trial.
+
+    Chunk ``i`` comes back from ``results`` (a ResultsStore) when it was committed before, so a
+    rerun, a retried trial or a resumed sweep continues where it stopped; otherwise the candidate
+    engine (opened on the first chunk that needs it, closed at the end) compares its logits with
+    ``payload_of(i)`` and the metrics are committed. After each chunk ``stop_rule(per_chunk)``
+    may end the run and ``on_chunk(i, run)`` reports (``run.done`` marks the last report).
+    ``keep_logprobs(i, tokens, logprobs)`` receives the candidate's own log-probs of computed chunks.
+    """
+    run = EvaluationRun()
+    engine = None
+    try:
+        for i in range(n_chunks):
+            run.last_computed = not results.has(i)
+            if not run.last_computed:
+                metrics = results.read(i)
+            else:
+                if engine is None:
+                    engine = open_engine()
+                tokens = np.asarray(tokens_of(i))
+                payload = payload_of(i)
+                t0 = time.perf_counter()
+                metrics = compare_chunk(engine, tokens, payload, encoding, first,
+                                        keep_logprobs=keep_logprobs is not None)
+                run.compute_seconds += time.perf_counter() - t0
+                if keep_logprobs is not None:
+                    keep_logprobs(i, tokens, metrics.pop("candidate_logprobs"))
+                results.write(i, metrics)
+                run.computed += 1
+                run.tokens_computed += len(tokens)
+            run.per_chunk.append(metrics)
+            stop, why = stop_rule(run.per_chunk) if stop_rule is not None else (False, "all_chunks")
+            last = i == n_chunks - 1
+            if stop and not last:
+                run.reason = why
+            run.done = bool(stop or last)
+            if on_chunk is not None:
+                on_chunk(i, run)
+            if stop:
+                break
+    finally:
+        if engine is not None:
+            engine.close()
+    return run

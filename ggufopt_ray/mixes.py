@@ -20,8 +20,53 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-KEEP = "base"  # a group left to the base type's own rules (as in distributed/spaces.py)
+from ggufopt_ray.errors import UserError
+
+KEEP = "base"  # a group left to the base type's own rules
 _NOT_QUANTIZED = {"F32", "F16", "BF16"}
+
+# Tensor groups of a per-tensor mix, as llama-quantize --tensor-type regexes.
+MIX_GROUPS = {
+    "attn_v": r"attn_v\.weight",
+    "attn_k": r"attn_k\.weight",
+    "attn_qo": r"attn_(q|output)\.weight",
+    "ffn_down": r"ffn_down\.weight",
+    "ffn_up_gate": r"ffn_(up|gate)\.weight",
+    "output": r"^output\.weight",
+    "token_embd": r"token_embd\.weight",
+}
+# Layer-band groups: attn_v and ffn_down of the first / last quarter of the blocks.
+LAYER_GROUPS = ("first_layers", "last_layers")
+
+
+def check_mix_groups(groups) -> list[str]:
+    """``groups`` as a list, or a one-line error naming the unknown ones and the valid names."""
+    groups = list(groups)
+    unknown = [g for g in groups if g not in MIX_GROUPS and g not in LAYER_GROUPS]
+    if unknown:
+        raise UserError(f"unknown tensor group(s) {unknown} in search.mix_groups; "
+                        f"use {', '.join(list(MIX_GROUPS) + list(LAYER_GROUPS))}")
+    return groups
+
+
+def layer_range_pattern(layers: list[int]) -> str:
+    return r"blk\.(" + "|".join(str(i) for i in layers) + r")\."
+
+
+def mix_overrides(choice: dict, n_layer: int) -> tuple[str, ...]:
+    """Values ``mix_<group>`` -> ordered llama-quantize overrides; layer bands first (first match wins)."""
+    out = []
+    edge = max(1, n_layer // 4)
+    for key, layers in (("mix_first_layers", list(range(edge))),
+                        ("mix_last_layers", list(range(n_layer - edge, n_layer)))):
+        t = choice.get(key, KEEP)
+        if t and t != KEEP:
+            out.append(f"{layer_range_pattern(layers)}.*(attn_v|ffn_down)\\.weight={t}")
+    for group, pattern in MIX_GROUPS.items():
+        t = choice.get(f"mix_{group}", KEEP)
+        if t and t != KEEP:
+            out.append(f"{pattern}={t}")
+    return tuple(out)
 
 
 @dataclass
@@ -64,6 +109,14 @@ class MixSizer:
         """Tensor bits per weight, as the quantizer's dry run reports them."""
         types = self.tensor_types(overrides)
         return 8.0 * sum(self._bytes(n, t) for n, t in types.items()) / self.n_params
+
+    def tensor_bytes(self, name: str, qtype: str) -> int:
+        """Exact bytes of tensor ``name`` stored as ``qtype``."""
+        return self._bytes(name, qtype)
+
+    def total_bytes(self, overrides: tuple[str, ...] | list[str] = ()) -> int:
+        """Tensor bytes of the whole model under ``overrides`` (what the dry run counts)."""
+        return sum(self._bytes(n, t) for n, t in self.tensor_types(overrides).items())
 
     def _fits(self, name: str, qtype: str) -> bool:
         # A type whose block does not divide the row cannot apply as given (llama.cpp falls back

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ggufopt_ray.config import SweepConfig
 from ggufopt_ray.errors import UserError
-
-QUALITY_SEARCHES = ("quant_types", "quant_mix", "imatrix_size", "zfp", "combined")
-
+from ggufopt_ray.run_dir import claim_run_dir
+from ggufopt_ray.searches import Search, SearchFacts, make_search
 
 def default_cache_dir() -> Path:
     """The project cache root (``$GGUFOPT_CACHE_DIR`` or ``~/.cache/ggufopt_ray``); the corpus cache lives in it."""
@@ -92,25 +93,62 @@ def _settings(cfg: SweepConfig) -> dict:
             "n_gpu_layers": m.n_gpu_layers, "flash_attn": m.flash_attn, "verbose": cfg.verbose}
 
 
-def validate(cfg: SweepConfig) -> None:
-    """Cheap checks before anything starts, so a bad setting never costs a Ray start."""
-    from ggufopt_ray.distributed.spaces import SEARCHES
-
-    if cfg.search.name not in SEARCHES:
-        raise UserError(f"search.name={cfg.search.name!r} is not a search; choose one of {', '.join(SEARCHES)}")
-    if cfg.search.mode not in ("grid", "optuna"):
-        raise UserError(f"search.mode must be grid or optuna, not {cfg.search.mode!r}")
-    if cfg.model.n_ubatch > cfg.model.n_batch:
-        raise UserError(f"model.n_ubatch ({cfg.model.n_ubatch}) must not exceed model.n_batch ({cfg.model.n_batch})")
+def validate(cfg: SweepConfig) -> Search:
+    """Cheap checks before anything starts, so a bad setting never costs a Ray start; returns the
+    search object of ``cfg.search``."""
+    search = make_search(cfg.search)
+    search.validate()
+    m = cfg.model
+    if not 1 <= m.n_ubatch <= m.n_batch:
+        raise UserError(f"model.n_ubatch ({m.n_ubatch}) must be between 1 and model.n_batch ({m.n_batch})")
+    if m.n_ctx < 8:
+        raise UserError(f"model.n_ctx={m.n_ctx} is too short to score anything; use e.g. 256 or 512")
+    if m.n_threads is not None and m.n_threads < 1:
+        raise UserError(f"model.n_threads must be positive or null (all CPUs), not {m.n_threads}")
     if cfg.dataset.eval_chunks < 1:
         raise UserError("dataset.eval_chunks must be at least 1")
-    if cfg.search.name == "quant_types" and not cfg.search.types:
-        raise UserError("search.types is empty; list quant types, e.g. search.types=[Q8_0,Q4_K_M]")
-    if cfg.search.name != "bub" and cfg.search.mode == "grid":
-        from ggufopt_ray.engine.quantize import resolve_file_type
+    if cfg.dataset.calib_chunks < 0:
+        raise UserError("dataset.calib_chunks must not be negative")
+    first = scored_from(cfg)
+    if not 0 <= first < m.n_ctx - 1:
+        raise UserError(f"metrics.scored_from={first} leaves nothing to score in chunks of {m.n_ctx}; "
+                        f"use 0 <= metrics.scored_from < {m.n_ctx - 1}")
+    validate_metrics(cfg.metrics)
+    c = cfg.cluster
+    if ((c.trial_cpus is not None and c.trial_cpus <= 0) or (c.worker_cpus is not None and c.worker_cpus < 0)
+            or c.task_cpus < 0 or c.logits_workers < 1 or c.max_failures < 0):
+        raise UserError("cluster.trial_cpus must be > 0, cluster.worker_cpus/task_cpus >= 0, "
+                        "cluster.logits_workers >= 1 and cluster.max_failures >= 0")
+    return search
 
-        for t in list(cfg.search.types) + [cfg.search.base_type]:
-            resolve_file_type(t)
+
+def local_cpus(cluster) -> int:
+    """CPUs a local cluster will have (``cluster.num_cpus`` or this process's CPUs); 1 for a
+    cluster we join, where per-trial CPUs are the user's to set (``cluster.trial_cpus``)."""
+    if cluster.mode != "local":
+        return 1
+    if cluster.num_cpus:
+        return int(cluster.num_cpus)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def scored_from(cfg: SweepConfig) -> int:
+    """The first scored position of each chunk (default: the second half, as llama-perplexity)."""
+    return cfg.metrics.scored_from if cfg.metrics.scored_from is not None else cfg.model.n_ctx // 2
+
+
+def validate_metrics(metrics) -> None:
+    """The encoding and the stopping rule's settings, checked as the trials will use them."""
+    from ggufopt_ray.metrics.encodings import get_encoding
+    from ggufopt_ray.metrics.stopping import StoppingRule
+
+    try:
+        if metrics.encoding != "auto":
+            get_encoding(metrics.encoding)
+        StoppingRule(target=metrics.target, confidence=metrics.confidence, margin=metrics.margin,
+                     min_chunks=metrics.min_chunks)
+    except UserError as exc:
+        raise UserError(f"metrics: {exc}") from None
 
 
 def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log=print,
@@ -120,22 +158,25 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
     ``on_baseline_ready(store)`` is called once the baseline chunks are in the object store and
     before any trial starts (tools use it to archive the store; tests to prove trials never read it).
     """
+    import ray
+
     from ggufopt_ray.distributed.baseline import run_baseline
     from ggufopt_ray.distributed.progress import ProgressLine
+    from ggufopt_ray.distributed.race import final_estimates, start_board
     from ggufopt_ray.distributed.runtime import start_ray
-    from ggufopt_ray.distributed.spaces import grid_configs, optuna_space
-    from ggufopt_ray.distributed.trials import TrialContext, bub_trial, quality_trial
+    from ggufopt_ray.distributed.trials import TRIALS, TrialContext
     from ggufopt_ray.distributed.tune_runner import run_trials
+    from ggufopt_ray.engine import RuntimeSettings
     from ggufopt_ray.engine.native import versions
-    from ggufopt_ray.evaluation import encoding_params
+    from ggufopt_ray.evaluation import encoding_params, racing_config
     from ggufopt_ray.gguf.inspect import inspect_model, model_fingerprint
     from ggufopt_ray.report.tables import finalize_results
     from ggufopt_ray.store.baseline import BaselineStore, baseline_identity
 
     t0 = time.perf_counter()
-    validate(cfg)
+    search = validate(cfg)
     output_dir = Path(output_dir).resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(output_dir, cfg, overwrite=cfg.overwrite)
     cache = Path(cfg.cache_dir).expanduser().resolve() if cfg.cache_dir else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
 
@@ -147,23 +188,48 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
     model_fp = model_fingerprint(model_path)
     log(f"model    {model_path.name}: {info.architecture}, {info.n_params:,} params, "
         f"{info.bits_per_weight:.2f} bpw, vocab {info.vocab_size}")
-    budget = resolve_size_budget(cfg, model_path, _n_layer(model_path))
-    if budget is not None:  # the trials see the budget resolved for this model
-        cfg = replace(cfg, search=replace(cfg.search, target_bpw=budget["target_bpw"]))
-        log(f"budget   {cfg.search.base_type} is {budget['base_bpw']:.3f} bpw on this model; "
-            f"mixes up to {budget['target_bpw']:.3f} bpw")
-
     ev, cal = prepare_data(cfg, model_path, cache)
     log(f"data     {len(ev)} evaluation + {len(cal) if cal else 0} calibration chunks of {cfg.model.n_ctx} tokens "
         f"({cfg.dataset.source})")
+    # The search binds itself to this model and data (size budgets, calibration sizes, memory
+    # guards) on the driver, before Ray starts; trials receive it prepared.
+    cpus = local_cpus(cfg.cluster)
+    speed = search.trial_kind == "speed"
+    search.prepare(SearchFacts(model_path=str(model_path), n_layer=_n_layer(model_path), n_ctx=cfg.model.n_ctx,
+                               n_calib=len(cal) if cal else 0,
+                               n_threads=int(cfg.cluster.trial_cpus or (cpus if speed else 1)),
+                               n_gpu_layers=cfg.model.n_gpu_layers, flash_attn=cfg.model.flash_attn,
+                               cache_dir=str(cache), eval_tokens=tuple(ev.chunks)), log)
+    # Trials use the CPUs the sweep has: a timing trial all of them (one at a time, undisturbed),
+    # a quality trial its share when there are fewer trials than CPUs.
+    trial_cpus = cfg.cluster.trial_cpus or (cpus if speed else max(1, cpus // max(1, min(search.n_trials(), cpus))))
+    cfg = replace(cfg, cluster=replace(cfg.cluster, trial_cpus=float(trial_cpus)))
 
     ray_info = start_ray(cfg.cluster, verbose=cfg.verbose)
     log(f"ray      {ray_info.num_cpus:g} CPUs, {ray_info.num_gpus:g} GPUs"
         + (f"; dashboard {ray_info.dashboard_url}" if ray_info.dashboard_url else ""))
 
-    first = cfg.metrics.scored_from if cfg.metrics.scored_from is not None else cfg.model.n_ctx // 2
-    if not 0 <= first < cfg.model.n_ctx - 1:
-        raise UserError(f"metrics.scored_from={first} leaves nothing to score in chunks of {cfg.model.n_ctx}")
+    first = scored_from(cfg)
+    # The memory plan: the baseline against the object store, a trial's peak against this node.
+    from ggufopt_ray.distributed.runtime import object_store_bytes
+    from ggufopt_ray.distributed.tune_runner import concurrency
+    from ggufopt_ray.memory_plan import available_memory_bytes, plan_sweep_memory, refuse_unless_fits
+    from ggufopt_ray.tuning.bub import ModelDims
+
+    dims = ModelDims.from_gguf(model_path)
+    plan = plan_sweep_memory(encoding=cfg.metrics.encoding, n_chunks=len(ev), n_ctx=cfg.model.n_ctx, first=first,
+                             dims=dims, model_bytes=info.tensor_bytes, n_batch=cfg.model.n_batch,
+                             n_ubatch=cfg.model.n_ubatch, kld_threads=int(cfg.cluster.trial_cpus),
+                             object_store_bytes=object_store_bytes(), node_memory_bytes=available_memory_bytes(),
+                             concurrency=concurrency(cfg.cluster))
+    log(plan.describe())
+    refuse_unless_fits(plan, n_chunks=len(ev), dims=dims)
+    if plan.trials_fit < plan.concurrency and not cfg.cluster.max_concurrent_trials:
+        log(f"memory   running {plan.trials_fit} trials at once (not {plan.concurrency}): that is what fits")
+        cfg = replace(cfg, cluster=replace(cfg.cluster, max_concurrent_trials=plan.trials_fit))
+    if plan.encoding != cfg.metrics.encoding:
+        log(f"encoding {plan.encoding} (metrics.encoding=auto)")
+        cfg = replace(cfg, metrics=replace(cfg.metrics, encoding=plan.encoding))
     _check_baseline_footprint(cfg, len(ev), first, info.vocab_size, log)
     ver = versions()
     header = {"model_fingerprint": model_fp, "vocab_fingerprint": info.vocab_fingerprint,
@@ -172,11 +238,10 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
               "first": first, "n_chunks": len(ev), "model_path": str(model_path),
               "runtime": _settings(cfg), "llama_cpp": ver}
     store = BaselineStore.create_or_open(cache / "baselines" / baseline_identity(header), header)
-    settings = _settings(cfg)
-    is_bub = cfg.search.name == "bub"
+    settings = RuntimeSettings(**_settings(cfg))
     baseline_meta = {"baseline_id": store.baseline_id, "store": str(store.root), "computed": 0, "loaded": 0}
     refs = []
-    if not is_bub:
+    if search.trial_kind == "quality":  # a speed search times the base model; it needs no baseline
         base = run_baseline(store, ev.chunks, str(model_path), settings, cfg.metrics.encoding, first, cfg.cluster)
         refs = base.refs
         baseline_meta.update(computed=base.computed, loaded=base.loaded, seconds=round(base.seconds, 3),
@@ -187,27 +252,39 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
         if on_baseline_ready is not None:
             on_baseline_ready(store)
 
-    ctx = TrialContext(base_model=str(model_path), model_fp=model_fp, settings=settings, tokens=list(ev.chunks),
-                       baseline_refs=refs, baseline_id=store.baseline_id, encoding=cfg.metrics.encoding,
-                       first=first, metrics=cfg.metrics, search=cfg.search, cluster=cfg.cluster,
+    ctx = TrialContext(base_model=str(model_path), model_fp=model_fp, settings=settings,
+                       tokens=list(ev.chunks), baseline_refs=refs, baseline_id=store.baseline_id,
+                       encoding=cfg.metrics.encoding, first=first, metrics=cfg.metrics, search=search,
+                       cluster=cfg.cluster,
                        cache_dir=str(cache), calib_tokens=list(cal.chunks) if cal else [],
                        calib_fingerprint=cal.fingerprint if cal else "", versions=ver,
                        trial_cpus=cfg.cluster.trial_cpus, events_path=str(output_dir / "events.jsonl"))
-    n_calib = len(cal) if cal else 0
-    grid = space = None
-    if cfg.search.mode == "grid":
-        grid = grid_configs(cfg.search, _n_layer(model_path), cfg.model.n_ctx, n_calib)
-    else:
-        space = optuna_space(cfg.search, _n_layer(model_path), cfg.model.n_ctx, n_calib)
-    total = len(grid) if grid is not None else cfg.search.num_samples
+    racing = racing_config(cfg.metrics, len(ev), search.n_trials()) if search.trial_kind == "quality" else None
+    if racing is not None:
+        ctx.racing, ctx.board = racing, start_board(output_dir, uuid.uuid4().hex[:6])
     from ray import tune
 
-    trainable = tune.with_parameters(bub_trial if is_bub else quality_trial, ctx=ctx)
+    trainable = tune.with_parameters(TRIALS[search.trial_kind], ctx=ctx)
     t_trials = time.perf_counter()
-    outcome = run_trials(trainable, search=cfg.search, cluster=cfg.cluster, storage_path=output_dir / "ray_results",
-                         grid=grid, space=space, n_chunks=len(ev), min_chunks=cfg.metrics.min_chunks,
-                         callbacks=[ProgressLine(total, len(ev))], resume=resume)
+    outcome = run_trials(trainable, search=search, cluster=cfg.cluster, storage_path=output_dir / "ray_results",
+                         n_chunks=len(ev), min_chunks=cfg.metrics.min_chunks,
+                         callbacks=[ProgressLine(search.n_trials(), len(ev))], resume=resume)
+
+    def run_round(configs: list[dict], name: str) -> list[dict]:
+        """A later round of the search: its configs as trials, added to the sweep's results."""
+        more = run_trials(trainable, search=search, cluster=cfg.cluster, storage_path=output_dir / "ray_results",
+                          n_chunks=len(ev), min_chunks=cfg.metrics.min_chunks, configs=configs, name=name,
+                          callbacks=[ProgressLine(len(configs), len(ev))], resume=resume)
+        outcome.rows.extend(more.rows)
+        outcome.history.extend(more.history)
+        outcome.errors.extend(more.errors)
+        return more.rows
+
+    search.follow_up(list(outcome.rows), run_round, output_dir, log)
     baseline_meta["trials_seconds"] = round(time.perf_counter() - t_trials, 3)
+    if racing is not None:
+        apply_final_estimates(outcome.rows, final_estimates(ray.get(ctx.board.snapshot.remote()), racing))
+        ray.kill(ctx.board)
     provenance = {"model": str(model_path), "model_fingerprint": model_fp,
                   "vocab_fingerprint": info.vocab_fingerprint, "corpus_fingerprint": ev.fingerprint,
                   "dataset_fingerprint": ev.dataset_fingerprint, "baseline_id": store.baseline_id,
@@ -216,7 +293,8 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
                   "seed": cfg.seed, "search_seed": cfg.search.seed, "dataset_seed": cfg.dataset.seed,
                   "llama_cpp_python": ver.get("llama_cpp_python")}
     rows, best, pareto = finalize_results(outcome.rows, outcome.history, output_dir, provenance,
-                                          bub=is_bub, imatrix_threshold=cfg.search.imatrix_gain_threshold)
+                                          bub=search.table_kind() == "speed", **search.finalize_options())
+    search_notes = {**search.notes, **search.finish(outcome.rows, t_trials)}
     if best and best.get("imatrix_growth"):
         g = best["imatrix_growth"]
         versus = ""
@@ -227,7 +305,8 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
             f"(growth stops when the composite improves by less than {100 * g['threshold']:.1f}%{versus})")
     (output_dir / "sweep.json").write_text(json.dumps({
         "baseline": baseline_meta, "provenance": provenance, "errors": outcome.errors,
-        "resumed": outcome.resumed, "dashboard_url": ray_info.dashboard_url, "size_budget": budget,
+        "resumed": outcome.resumed, "dashboard_url": ray_info.dashboard_url,
+        "size_budget": search_notes.get("size_budget"), "search": search_notes, "memory_plan": plan.to_dict(),
         "seconds": time.perf_counter() - t0}, indent=2, default=str))
     report = None
     if (output_dir / "results.parquet").exists():
@@ -263,39 +342,6 @@ def _check_baseline_footprint(cfg: SweepConfig, n_chunks: int, first: int, n_voc
             "object store memory")
 
 
-def resolve_size_budget(cfg: SweepConfig, model_path: Path, n_layer: int) -> dict | None:
-    """The quant_mix size budget on this model (``None`` without one), in bits per weight.
-
-    A plain type's size depends on the model (output and embedding matrices weigh more in small
-    models: Q4_K_M is 5.0 bpw on the tiny model, 5.23 on a 7M-parameter one), so the budget can be
-    given relative to the base type. A budget that no mix can meet is refused here, by dry runs
-    that take milliseconds, rather than after every trial has been rejected.
-    """
-    search = cfg.search
-    if search.name != "quant_mix" or (search.target_bpw is None and search.target_bpw_over_base is None):
-        return None
-    from ggufopt_ray.distributed.spaces import mix_groups, mix_overrides
-    from ggufopt_ray.engine.quantize import quantize_model
-
-    def dry_bpw(overrides=()) -> float:
-        return quantize_model(model_path, search.base_type, dry_run=True, threads=1,
-                              tensor_types=list(overrides) or None).bits_per_weight
-
-    base = dry_bpw()
-    target = float(search.target_bpw if search.target_bpw is not None
-                   else round(base + float(search.target_bpw_over_base), 4))
-    if target < base:
-        groups = mix_groups(search)
-        smallest = min([base] + [dry_bpw(mix_overrides({f"mix_{g}": t for g in groups}, n_layer))
-                                 for t in search.mix_types])
-        if target < smallest:
-            raise UserError(f"search.target_bpw={target:g} is below the smallest mix of {search.base_type} with "
-                            f"{list(search.mix_types)} on this model ({smallest:.3f} bpw; the base type alone is "
-                            f"{base:.3f}); raise search.target_bpw, or add smaller search.mix_types, or pick a "
-                            "smaller search.base_type")
-    return {"base_type": search.base_type, "base_bpw": round(base, 4), "target_bpw": target}
-
-
 def _n_layer(model_path: Path) -> int:
     from ggufopt_ray.gguf.inspect import open_reader
 
@@ -303,6 +349,24 @@ def _n_layer(model_path: Path) -> int:
     arch = reader.fields["general.architecture"].contents()
     f = reader.fields.get(f"{arch}.block_count")
     return int(f.contents()) if f is not None else 0
+
+
+def apply_final_estimates(rows: list[dict], estimates: dict[str, dict]) -> None:
+    """Each row's borrowed-strength mean, recomputed with everything the sweep measured."""
+    for row in rows:
+        adj = estimates.get(row.get("label"))
+        if adj:
+            row.update({"kld_mean_adj": adj["estimate"], "kld_mean_adj_se": adj["se"], "kld_mean_adj_lo": adj["lo"],
+                        "kld_mean_adj_hi": adj["hi"], "kld_mean_adj_control": adj.get("control") or ""})
+
+
+def error_causes(errors: list[str]) -> dict[str, int]:
+    """Trial errors grouped by message (the label before the first ': ' is dropped)."""
+    causes: dict[str, int] = {}
+    for e in errors:
+        cause = e.split(": ", 1)[1] if ": " in e else e
+        causes[cause] = causes.get(cause, 0) + 1
+    return causes
 
 
 def main_from_hydra(cfg) -> SweepResult:
@@ -314,16 +378,21 @@ def main_from_hydra(cfg) -> SweepResult:
 
     sweep_cfg = to_sweep_config(cfg)
     if not sweep_cfg.verbose:
-        # Hydra sets the root logger to INFO; gguf's writer would announce every file it writes.
-        logging.getLogger("gguf").setLevel(logging.WARNING)
+        # Hydra sets the root logger to INFO; gguf's writer would announce every file it writes,
+        # and matplotlib that it built its font cache.
+        for name in ("gguf", "matplotlib"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     out = sweep_cfg.output_dir or HydraConfig.get().runtime.output_dir
     result = run_sweep(sweep_cfg, out)
     print()
-    print(format_results_table(result.rows, bub=sweep_cfg.search.name == "bub"))
+    print(format_results_table(result.rows, bub=make_search(sweep_cfg.search).table_kind() == "speed"))
     if result.errors:
-        print(f"\n{len(result.errors)} trial(s) failed:", file=sys.stderr)
-        for e in result.errors:
-            print(f"  {e}", file=sys.stderr)
+        causes = error_causes(result.errors)
+        print(f"\n{len(result.errors)} trial(s) failed, {len(causes)} distinct cause(s):", file=sys.stderr)
+        for cause, n in causes.items():
+            print(f"  {n} x {cause}", file=sys.stderr)
+        if not result.rows:
+            raise UserError(f"every trial failed ({'; '.join(causes)}); fix the setting named above and rerun")
     print(f"\nresults in {result.output_dir} ({result.seconds:.0f} s)")
     if result.report:
         print(f"report   {result.report}")

@@ -17,10 +17,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hydra  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 from ggufopt_ray.config import register_configs  # noqa: E402
 
 register_configs()
+# hydra.run.dir: the user's output_dir when given, else Hydra's dated default (conf/config.yaml).
+OmegaConf.register_new_resolver("run_dir", lambda output_dir, default: output_dir or default, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

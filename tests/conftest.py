@@ -7,7 +7,7 @@ import os
 import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_AUTH_MODE", "token")  # keep Ray 2.60's token auth on in tests too
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +50,10 @@ def small_sweep_config(cache_dir, **search):
     cfg.dataset.eval_chunks, cfg.dataset.calib_chunks = 4, 2
     cfg.metrics.early_stopping = False
     cfg.cluster.num_cpus, cfg.cluster.dashboard, cfg.cluster.max_concurrent_trials = 2, False, 2
+    if "name" in search:  # each search has its own typed config
+        from ggufopt_ray.searches import search_config
+
+        cfg.search = search_config(search.pop("name"))
     for key, value in search.items():
         setattr(cfg.search, key, value)
     return cfg

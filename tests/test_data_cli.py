@@ -61,9 +61,9 @@ def test_builtin_default_corpus(capsys, tmp_path, tiny_model):
             "--evaluation-chunks", 6, "--output", out, "--cache-dir", tmp_path / "cache"]
     code, stdout, err = run(capsys, *args, "--seed", 5)
     assert code == 0, err
-    assert "fingerprint" in stdout and "en: evaluation 3 chunks" in err
+    assert "fingerprint" in stdout and "en: evaluation 2 chunks" in err and "de: evaluation 2 chunks" in err
     ev = load_chunks(out, "evaluation", n_ctx=256)
-    assert len(ev) == 6 and ev.langs.count("en") == 3
+    assert len(ev) == 6 and [ev.langs.count(lang) for lang in ("code", "de", "en")] == [2, 2, 2]
     code, stdout2, err = run(capsys, *args, "--seed", 5)
     assert code == 0 and "kept it" in err and stdout2 == stdout
     code, stdout3, _ = run(capsys, *args, "--seed", 6)

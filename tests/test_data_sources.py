@@ -13,7 +13,7 @@ import textwrap
 import pytest
 
 from ggufopt_ray.data import plugins
-from ggufopt_ray.data.builtin_corpus import generate
+from ggufopt_ray.data.builtin_corpus import GENERATORS, HANDWRITTEN, generate
 from ggufopt_ray.data.local import BUILTIN_DIR, builtin_languages, split_documents
 from ggufopt_ray.data.plugins import (DataSource, extract_field, get_source_class,
                                       load_source_class_from_file, make_source)
@@ -211,13 +211,23 @@ def test_shared_models_corpus_format(tmp_path):
 
 
 def test_builtin_corpus_is_shipped_and_reproducible():
-    assert builtin_languages() == ("code", "en")
-    for lang in builtin_languages():
+    assert builtin_languages() == ("code", "de", "en")
+    assert set(GENERATORS) | set(HANDWRITTEN) == set(builtin_languages())
+    for lang in GENERATORS:
         assert (BUILTIN_DIR / f"{lang}.txt").read_text(encoding="utf-8") == generate(lang)
     source = make_source("builtin")
-    assert source.default_langs == ("code", "en")
+    assert source.default_langs == ("code", "de", "en")
     en = texts(source, "en")
     assert len(en) == 60 and len(set(en)) == 60
+    # the hand-written German: separator-terminated UTF-8 documents, all different, really German
+    raw = (BUILTIN_DIR / "de.txt").read_text(encoding="utf-8")
+    assert raw.endswith("\n\x1e\n") and "\r" not in raw
+    de = texts(source, "de")
+    assert len(de) == raw.count("\x1e\n") == 23 and len(set(de)) == 23
+    assert all(300 < len(d) < 2000 and d.strip() == d.rstrip("\n") for d in de)
+    assert sum(map(len, de)) > 15000 and all(c in raw for c in "äöüß„“")
+    words = " ".join(de).split()
+    assert sum(w in ("und", "die", "der", "das") for w in words) > 0.05 * len(words)
     with pytest.raises(UserError, match="no language 'xx'"):
         texts(source, "xx")
 

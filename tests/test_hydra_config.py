@@ -86,8 +86,14 @@ def test_bad_value_is_a_one_line_error_before_ray_starts(tmp_path):
 
 @pytest.mark.slow
 def test_multirun_of_two_searches_writes_two_result_dirs(tmp_path):
-    proc = _run_sweep("-m", "search=quant_types,zfp", "experiment=quick", "search.types=[Q8_0,Q4_0]",
-                      "search.zfp_rates=[8.0]", "search.zfp_dims=[2]", "cluster.dashboard=false",
+    # Keys of one search are not keys of another: each search of a multirun takes its own from an
+    # option file (here the user's own, added with --config-dir), as the README says.
+    own = tmp_path / "myconf" / "search"
+    own.mkdir(parents=True)
+    (own / "two_types.yaml").write_text("defaults:\n  - quant_types_schema\ntypes: [Q8_0, Q4_0]\n")
+    (own / "zfp_one.yaml").write_text("defaults:\n  - zfp_schema\nzfp_rates: [8.0]\nzfp_dims: [2]\n")
+    proc = _run_sweep("-m", "--config-dir", str(tmp_path / "myconf"), "search=two_types,zfp_one", "experiment=quick",
+                      "cluster.dashboard=false",
                       f"cache_dir={tmp_path / 'cache'}", "hydra.sweep.dir=" + str(tmp_path / "multi"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     import pandas as pd

@@ -93,3 +93,42 @@ def test_export_refuses_other_encodings(tiny_model, tmp_path, capsys):
     rc = main(["kld-base", "export", str(tmp_path / "f16"), "-o", str(tmp_path / "x.kld")])
     err = capsys.readouterr().err
     assert rc == 2 and "llamacpp_uint16" in err and not (tmp_path / "x.kld").exists()
+
+
+def test_valid_rows_pass_the_payload_check_and_garbage_fails():
+    from ggufopt_ray.store.llamacpp_kld import payload_problem
+
+    enc = get_encoding("llamacpp_uint16")
+    rng = np.random.default_rng(3)
+    v = 1000
+    logits = np.stack([np.zeros(v), np.r_[40.0, np.zeros(v - 1)], rng.normal(0, 8, v), rng.normal(0, 0.1, v)])
+    good = enc.encode(log_softmax(logits.astype(np.float32)))  # flat, one-hot-like, wide, narrow rows
+    assert payload_problem(good, v) is None
+    cases = {
+        "not finite": {**good, "scale": np.r_[good["scale"][:-1], np.float32(np.nan)]},
+        "scale": {**good, "scale": good["scale"] * 3 + 1e-3},
+        "min_log_prob": {**good, "min_log_prob": good["min_log_prob"] + 10},
+        "sum to": {**good, "codes": rng.integers(0, 65536, good["codes"].shape).astype(np.uint16)},
+    }
+    for needle, bad in cases.items():
+        problem = payload_problem(bad, v)
+        assert problem is not None and needle in problem, (needle, problem)
+
+
+def test_import_of_a_valid_header_with_a_garbage_payload_is_refused(tiny_model, tmp_path, capsys):
+    from ggufopt_ray.engine.tokenizer import VocabTokenizer
+
+    with VocabTokenizer(tiny_model) as tok:
+        n_vocab = tok.n_vocab
+    chunks, payloads = _chunks_and_payloads(n_vocab, 3, seed=2)
+    src = write_kld_base(tmp_path / "src.kld", N_CTX, n_vocab, chunks, payloads)
+    raw = bytearray(src.read_bytes())
+    start = 20 + 4 * N_CTX * 3 + 2 * scored_per_chunk(N_CTX) * row_width(n_vocab)  # chunk 1's rows
+    raw[start:] = np.random.default_rng(0).integers(0, 256, len(raw) - start, dtype=np.uint8).tobytes()
+    (tmp_path / "garbage.kld").write_bytes(bytes(raw))
+    rc = main(["kld-base", "import", str(tmp_path / "garbage.kld"), "--model", str(tiny_model),
+               "-o", str(tmp_path / "store")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "garbage.kld: chunk 1 is not valid log-probabilities" in err and "damaged" in err
+    assert not (tmp_path / "store").exists()  # chunk 0 was fine, but no partial store is left

@@ -8,7 +8,8 @@ llama-imatrix's file), and llama-quantize's output with our imatrix files (GGUF 
 against our in-process quantization, byte for byte.
 
 The binaries come from ``.ci/build-llama-tools`` (CI runs it; about 3 minutes once, then cached).
-Without them these tests skip; with ``GGUFOPT_LLAMA_TOOLS`` set they are required.
+Without them these tests skip; with ``CI=true`` or ``GGUFOPT_LLAMA_TOOLS`` set they are required,
+and a missing tool fails the run.
 """
 
 from __future__ import annotations
@@ -27,23 +28,68 @@ ROOT = Path(__file__).resolve().parents[1]
 N_CTX, N_CHUNKS = 128, 8
 
 
-def _tools_dir() -> Path | None:
+TOOL_NAMES = ("llama-perplexity", "llama-imatrix", "llama-quantize")
+
+
+def _tools_required() -> bool:
+    """In CI (``CI=true``, as CI services set it) or with GGUFOPT_LLAMA_TOOLS set, a missing tool is
+    a failure: a parity suite that skips itself would let a green run hide that nothing was compared."""
+    ci = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes", "on")
+    return ci or bool(os.environ.get("GGUFOPT_LLAMA_TOOLS"))
+
+
+def _tools_dir() -> Path:
     env = os.environ.get("GGUFOPT_LLAMA_TOOLS")
     if env:
         return Path(env)
-    version = importlib.metadata.version("llama-cpp-python")
-    default = Path.home() / ".cache" / "ggufopt_ray-llama-tools" / version
-    return default if (default / "bin" / "llama-perplexity").exists() else None
+    try:
+        version = importlib.metadata.version("llama-cpp-python")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return Path.home() / ".cache" / "ggufopt_ray-llama-tools" / version
+
+
+def find_tools() -> Path:
+    """The bin/ directory of llama.cpp's tools; skips when they are absent, fails when required."""
+    d = _tools_dir()
+    missing = [name for name in TOOL_NAMES if not (d / "bin" / name).is_file()]
+    if missing:
+        why = f"llama.cpp tools missing from {d / 'bin'} ({', '.join(missing)}); run .ci/build-llama-tools"
+        if _tools_required():
+            pytest.fail(why + " (required: CI or GGUFOPT_LLAMA_TOOLS is set)", pytrace=False)
+        pytest.skip(why)
+    return d / "bin"
 
 
 @pytest.fixture(scope="module")
 def tools() -> Path:
-    d = _tools_dir()
-    if d is None:
-        pytest.skip("llama.cpp tools not built; run .ci/build-llama-tools")
-    for name in ("llama-perplexity", "llama-imatrix", "llama-quantize"):
-        assert (d / "bin" / name).exists(), f"GGUFOPT_LLAMA_TOOLS={d} lacks bin/{name}"
-    return d / "bin"
+    return find_tools()
+
+
+@pytest.mark.parametrize("env, outcome", [
+    ({"CI": "true"}, pytest.fail.Exception),
+    ({"CI": "1"}, pytest.fail.Exception),
+    ({"GGUFOPT_LLAMA_TOOLS": "<empty>"}, pytest.fail.Exception),
+    ({"CI": "true", "GGUFOPT_LLAMA_TOOLS": "<empty>"}, pytest.fail.Exception),
+    ({}, pytest.skip.Exception),
+    ({"CI": "false"}, pytest.skip.Exception),
+])
+def test_missing_tools_fail_in_ci_and_skip_elsewhere(tmp_path, monkeypatch, env, outcome):
+    """Without the binaries: a failure under CI=true or GGUFOPT_LLAMA_TOOLS, a skip otherwise."""
+    empty = tmp_path / "tools"
+    (empty / "bin").mkdir(parents=True)
+    (empty / "bin" / "llama-perplexity").write_text("")  # one tool of three: still incomplete
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no default build under ~/.cache either
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv("GGUFOPT_LLAMA_TOOLS", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(empty) if value == "<empty>" else value)
+    with pytest.raises(outcome, match="llama.cpp tools missing"):
+        find_tools()
+    for name in TOOL_NAMES:  # and once all three are there, they are found
+        (empty / "bin" / name).write_text("")
+    if "GGUFOPT_LLAMA_TOOLS" in env:
+        assert find_tools() == empty / "bin"
 
 
 @pytest.fixture(scope="module")

@@ -151,20 +151,88 @@ def test_bootstrap_interval_contains_estimate_and_is_seeded():
     assert all(math.isnan(x) for x in bootstrap_interval(chunks[:1], "composite"))
 
 
+def expected_summary(m: TokenMetrics) -> dict:
+    """Every KLDSummary field from the per-token arrays, in float64 numpy written here."""
+    k = m.kld.astype(np.float64)
+    top = m.same_top.astype(np.float64)
+    dp = m.delta_p.astype(np.float64)
+    nb, nc = m.nll_base.astype(np.float64), m.nll_cand.astype(np.float64)
+    n = k.size
+
+    def mean_se(x):
+        return x.mean(), x.std(ddof=1) / math.sqrt(x.size)
+
+    # the project's percentile: linear between order statistics at q*(n-1) (numpy's "linear")
+    q = {f: float(np.percentile(k, 100 * f, method="linear")) for f in (0.5, 0.9, 0.95, 0.99, 0.999)}
+    kmean, kse = mean_se(k)
+    t = top.mean()
+    dmean, dse = mean_se(dp)
+    msq, msq_se = mean_se(dp ** 2)
+    lb, lb_se = mean_se(nb)
+    lc, lc_se = mean_se(nc)
+    ratio, ratio_se = mean_se(nc - nb)
+    return {
+        "n_tokens": n, "kld_mean": kmean, "kld_mean_se": kse,
+        "kld_median": q[0.5], "kld_p90": q[0.9], "kld_p95": q[0.95], "kld_p99": q[0.99], "kld_p999": q[0.999],
+        "kld_min": k.min(), "kld_max": k.max(),
+        "composite": q[0.5] ** (1 / 3) * (q[0.99] + 4 * q[0.95] + 5 * q[0.9]) ** (2 / 3),
+        "same_top": t, "same_top_se": math.sqrt(t * (1 - t) / (n - 1)),
+        "delta_p_mean": dmean, "delta_p_mean_se": dse,
+        "delta_p_rms": math.sqrt(msq), "delta_p_rms_se": msq_se / (2 * math.sqrt(msq)),
+        "ppl_base": math.exp(lb), "ppl_base_se": math.exp(lb) * lb_se,
+        "ppl_cand": math.exp(lc), "ppl_cand_se": math.exp(lc) * lc_se,
+        "nll_correlation": float(np.corrcoef(nb, nc)[0, 1]),
+        "ln_ppl_ratio": ratio, "ln_ppl_ratio_se": ratio_se,
+    }
+
+
+def assert_summary_equals(got: KLDSummary, m: TokenMetrics) -> None:
+    want = expected_summary(m)
+    assert set(want) == set(KLDSummary.__dataclass_fields__)
+    assert got.n_tokens == want.pop("n_tokens")
+    for key, value in want.items():
+        assert getattr(got, key) == pytest.approx(value, rel=1e-9, abs=1e-15), key
+
+
 def test_summarize_chunks_and_round_trip(tm):
     parts = [tm[i:i + 250] for i in range(0, len(tm), 250)]
     run = summarize_chunks([p.to_arrays() for p in parts], n_boot=200, seed=2)
-    assert run.n_chunks == len(parts)
-    assert run.chunks[3] == summarize(parts[3])
-    assert run.overall == summarize(tm)
+    assert run.n_chunks == len(parts) == 12
+    for got, part in zip(run.chunks, parts):
+        assert_summary_equals(got, part)
+    assert_summary_equals(run.overall, tm)
+
+    # chunk-level (cluster) standard error of the mean: ratio estimator over chunks
+    sums = np.array([p.kld.astype(np.float64).sum() for p in parts])
+    sizes = np.array([len(p) for p in parts], np.float64)
+    mean = sums.sum() / sizes.sum()
+    c = len(parts)
+    assert run.kld_mean_chunk_se == pytest.approx(
+        math.sqrt(c / (c - 1) * ((sums - mean * sizes) ** 2).sum()) / sizes.sum(), rel=1e-9)
+
+    # the composite's interval: estimate * exp(+-t_{C-1} * sd(log replicates)), replicates drawn
+    # by resampling whole chunks explicitly (the seeded multinomial counts of the bootstrap)
+    from scipy.stats import t as student_t
+
+    counts = np.random.default_rng(2).multinomial(c, np.full(c, 1 / c), size=200)
+    reps = []
+    for w in counts:
+        x = np.concatenate([np.tile(p.kld.astype(np.float64), int(k)) for p, k in zip(parts, w)])
+        q = {f: float(np.percentile(x, 100 * f)) for f in (0.5, 0.9, 0.95, 0.99)}
+        reps.append(q[0.5] ** (1 / 3) * (q[0.99] + 4 * q[0.95] + 5 * q[0.9]) ** (2 / 3))
+    est = expected_summary(tm)["composite"]
+    half = float(student_t.ppf(0.975, c - 1)) * float(np.std(np.log(reps), ddof=1))
+    assert run.composite_lo == pytest.approx(est * math.exp(-half), rel=1e-7)
+    assert run.composite_hi == pytest.approx(est * math.exp(half), rel=1e-7)
     assert run.composite_lo < run.overall.composite < run.composite_hi
-    assert run.kld_mean_chunk_se == pytest.approx(chunk_mean_se(parts))
+
     again = RunSummary.from_dict(json.loads(json.dumps(run.to_dict())))
     assert again == run
     flat = run.to_flat_dict()
     for key in ("kld_mean", "kld_mean_se", "kld_median", "kld_p99", "composite", "composite_lo",
                 "composite_hi", "same_top", "ln_ppl_ratio", "n_chunks", "kld_mean_chunk_se"):
         assert key in flat
+    assert flat["kld_mean"] == run.overall.kld_mean and flat["n_chunks"] == 12
     assert KLDSummary.from_dict(run.overall.to_dict()) == run.overall
 
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from ggufopt_ray.distributed.spaces import mix_overrides
+from ggufopt_ray.mixes import mix_overrides
 from ggufopt_ray.engine.quantize import quantize_model
 from ggufopt_ray.mixes import KEEP, MixSizer, fit_mix
 

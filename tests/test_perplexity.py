@@ -90,12 +90,36 @@ def test_token_nll_is_stable_for_huge_logits():
     np.testing.assert_allclose(nll, [0.0, math.log(2.0)], atol=1e-12)
 
 
-def test_ratio_against_itself_and_model_perplexity(engine, tiny_model):
+def _plain_nll(logits, chunk, start):
+    """NLL of each scored token, written plainly: float64 log-sum-exp by hand, one row at a time."""
+    out = []
+    for j in range(start, len(chunk) - 1):
+        row = np.asarray(logits[j], np.float64)
+        top = row.max()
+        out.append(top + math.log(np.exp(row - top).sum()) - row[chunk[j + 1]])
+    return np.array(out)
+
+
+def test_ratio_of_two_models_and_model_perplexity(engine, tiny_model, tiny_model_f16):
     chunks = _chunks(engine, 2, seed=2)
+    settings = RuntimeSettings(n_ctx=CTX, n_batch=CTX, n_ubatch=CTX, n_threads=1)
     a = evaluate_perplexity(engine, chunks)
-    assert ln_ppl_ratio(a, a)[0] == 0
-    b = model_perplexity(tiny_model, chunks, RuntimeSettings(n_ctx=CTX, n_batch=CTX, n_ubatch=CTX, n_threads=1))
-    assert b.ln_ppl == pytest.approx(a.ln_ppl, rel=1e-6) and b.model == str(tiny_model)
+    with LogitsEngine(tiny_model_f16, settings) as e16:
+        b = evaluate_perplexity(e16, chunks)
+        nll16 = np.concatenate([_plain_nll(e16.logits(c), c, CTX // 2) for c in chunks])
+    nll32 = np.concatenate([_plain_nll(engine.logits(c), c, CTX // 2) for c in chunks])
+    d = nll16 - nll32
+    assert d.size == 2 * (CTX - 1 - CTX // 2) and np.abs(d).max() > 0  # F16 weights change the numbers
+    ratio, ratio_se = ln_ppl_ratio(b, a)
+    assert ratio == pytest.approx(d.mean(), rel=1e-7, abs=1e-13)
+    assert ratio_se == pytest.approx(d.std(ddof=1) / math.sqrt(d.size), rel=1e-7)
+    assert ln_ppl_ratio(a, a) == (0.0, 0.0)  # closed form: identical per-token NLLs
+
+    loaded = model_perplexity(tiny_model, chunks, settings)
+    assert loaded.model == str(tiny_model) and loaded.n_tokens == nll32.size
+    assert loaded.ln_ppl == pytest.approx(nll32.mean(), rel=1e-9)
+    assert loaded.ln_ppl_se == pytest.approx(nll32.std(ddof=1) / math.sqrt(nll32.size), rel=1e-9)
+    np.testing.assert_allclose(loaded.nll, nll32, rtol=1e-9, atol=1e-12)
     with pytest.raises(UserError):
         ln_ppl_ratio(a, evaluate_perplexity(engine, chunks[:1]))
 
@@ -118,8 +142,29 @@ def test_cli_two_models_table_and_json(tiny_model, tiny_model_f16, text_file, ca
     assert d["chunks"] == 3 and len(d["models"]) == 2
     ref, f16 = d["models"]
     assert ref["n_tokens"] == f16["n_tokens"] == 3 * (32 - 1 - 16)
-    assert ref["ln_ppl_ratio"] == 0
-    assert abs(f16["ln_ppl_ratio"]) < 0.05 and f16["ln_ppl_ratio_se"] > 0  # F16 is close to F32
+
+    # The same numbers computed here: the text cut as llama-perplexity cuts it (BOS + token stream,
+    # consecutive chunks of 32, each chunk's first token replaced by BOS), the second half of each
+    # chunk scored, NLLs in float64.
+    settings = RuntimeSettings(n_ctx=32, n_batch=32, n_ubatch=32, n_threads=1)
+    nll = {}
+    for name, path in (("ref", tiny_model), ("f16", tiny_model_f16)):
+        with LogitsEngine(path, settings) as e:
+            stream = np.concatenate([[e.bos_id], e.tokenize(TEXT)]).astype(np.int32)
+            chunks = [np.concatenate([[e.bos_id], stream[i * 32 + 1:(i + 1) * 32]]).astype(np.int32)
+                      for i in range(3)]
+            nll[name] = np.concatenate([_plain_nll(e.logits(c), c, 16) for c in chunks])
+    for got, x in ((ref, nll["ref"]), (f16, nll["f16"])):
+        se = x.std(ddof=1) / math.sqrt(x.size)
+        assert got["ln_ppl"] == pytest.approx(x.mean(), rel=1e-9)
+        assert got["ln_ppl_se"] == pytest.approx(se, rel=1e-9)
+        assert got["ppl"] == pytest.approx(math.exp(x.mean()), rel=1e-9)
+        assert got["ppl_se"] == pytest.approx(math.exp(x.mean()) * se, rel=1e-9)
+    diff = nll["f16"] - nll["ref"]
+    assert np.abs(diff).max() > 0
+    assert f16["ln_ppl_ratio"] == pytest.approx(diff.mean(), rel=1e-7, abs=1e-13)
+    assert f16["ln_ppl_ratio_se"] == pytest.approx(diff.std(ddof=1) / math.sqrt(diff.size), rel=1e-7)
+    assert ref["ln_ppl_ratio"] == 0 and ref["ln_ppl_ratio_se"] == 0  # the reference against itself
 
 
 def _one_line_error(capsys, rc, needle):

@@ -139,19 +139,21 @@ def test_optuna_search_with_size_budget(ray_local, tmp_path):
 
 
 def test_a_budget_no_mix_can_meet_is_refused_before_any_work(tiny_model, tmp_path):
-    from ggufopt_ray.config import SweepConfig
     from ggufopt_ray.errors import UserError
-    from ggufopt_ray.sweep import resolve_size_budget
+    from ggufopt_ray.searches import SearchFacts, make_search, search_config
 
-    cfg = SweepConfig()
-    cfg.search.name, cfg.search.base_type, cfg.search.mix_types = "quant_mix", "Q4_K_M", ["Q5_K", "Q8_0"]
-    cfg.search.target_bpw = 4.5  # Q4_K_M alone is 5.0 bpw on the tiny model; the mixes only add
+    facts = SearchFacts(model_path=str(tiny_model), n_layer=2, n_ctx=128, n_calib=0)
+
+    def prepared(**values):
+        return make_search(search_config("quant_mix", base_type="Q4_K_M", **values)).prepare(facts, log=lambda _: None)
+
+    # Q4_K_M alone is 5.0 bpw on the tiny model; the mixes only add
     with pytest.raises(UserError, match=r"search.target_bpw=4.5 is below the smallest mix of Q4_K_M"):
-        resolve_size_budget(cfg, tiny_model, 2)
-    cfg.search.mix_types = ["Q3_K", "Q5_K"]  # a smaller type makes a mix under the base possible
-    assert resolve_size_budget(cfg, tiny_model, 2)["target_bpw"] == 4.5
-    cfg.search.target_bpw, cfg.search.target_bpw_over_base = None, None
-    assert resolve_size_budget(cfg, tiny_model, 2) is None
+        prepared(mix_types=["Q5_K", "Q8_0"], target_bpw=4.5)
+    # a smaller type makes a mix under the base possible
+    assert prepared(mix_types=["Q3_K", "Q5_K"], target_bpw=4.5).notes["size_budget"]["target_bpw"] == 4.5
+    assert "size_budget" not in prepared(mix_types=["Q3_K", "Q5_K"], target_bpw=None,
+                                         target_bpw_over_base=None).notes
 
 
 def test_imatrix_size_search_scores_sizes_and_recommends_one(ray_local, tmp_path):
@@ -217,7 +219,7 @@ def test_two_baseline_stages_share_one_cluster(ray_local, tiny_model, tmp_path):
     from ggufopt_ray.evaluation import baseline_payload
     from ggufopt_ray.store.baseline import BaselineStore
 
-    settings = {"n_ctx": 64, "n_batch": 64, "n_ubatch": 64}
+    settings = RuntimeSettings(n_ctx=64, n_batch=64, n_ubatch=64)
     rng = np.random.default_rng(3)
     chunks = [rng.integers(3, 1000, 64).astype(np.int32) for _ in range(2)]
     results, errors = {}, []
@@ -239,7 +241,7 @@ def test_two_baseline_stages_share_one_cluster(ray_local, tiny_model, tmp_path):
     for t in threads:
         t.join(240)
     assert not errors, errors
-    reference = baseline_payload(LogitsEngine(str(tiny_model), RuntimeSettings(**settings)), chunks[1], "exact", 32)
+    reference = baseline_payload(LogitsEngine(str(tiny_model), settings), chunks[1], "exact", 32)
     for store, base in results.values():
         assert base.computed == 2 and base.loaded == 0
         for key, value in reference.items():

@@ -65,9 +65,9 @@ def run(args) -> int:
     from ggufopt_ray.commands.stats import format_summary
     from ggufopt_ray.engine import LogitsEngine, RuntimeSettings
     from ggufopt_ray.errors import UserError
-    from ggufopt_ray.evaluation import compare_chunk, stop_decision, summarize_run
+    from ggufopt_ray.evaluation import evaluate_candidate, stop_decision, summarize_run
     from ggufopt_ray.gguf.inspect import inspect_model, model_fingerprint
-    from ggufopt_ray.store.baseline import BaselineStore
+    from ggufopt_ray.store.baseline import BaselineStore, recorded_tensor_signature, tensor_signature
     from ggufopt_ray.store.results import ResultsStore
 
     base = BaselineStore.open(args.baseline)
@@ -76,10 +76,29 @@ def run(args) -> int:
     if info.vocab_fingerprint != h["vocab_fingerprint"] or info.vocab_size != h["n_vocab"]:
         raise UserError(f"{args.model} has another vocabulary than the baseline in {args.baseline} "
                         f"({info.vocab_fingerprint} vs {h['vocab_fingerprint']}); candidates must share the tokenizer")
+    # A candidate must be made from the baseline's model: same architecture, tensor names and
+    # shapes. Another model that shares the tokenizer would give a meaningless (huge) KLD.
+    base_sig = recorded_tensor_signature(h)
+    if base_sig is not None and tensor_signature(args.model) != base_sig:
+        raise UserError(f"{args.model} is not made from the model of the baseline in {args.baseline} "
+                        f"({h.get('model_path', 'unknown')}): its architecture or tensor names/shapes differ; "
+                        "bench candidates quantized from that model, or compute a baseline of this model's base")
     n = base.n_chunks
-    last = n - 1 if args.to_chunk is None else args.to_chunk
-    if not 0 <= last < n:
-        raise UserError(f"--to-chunk {last} is outside the baseline's {n} chunks (0..{n - 1})")
+    have = base.n_leading()  # a baseline computed for its first chunks only is usable for those
+    if have == 0:
+        raise UserError(f"the baseline in {args.baseline} has no computed chunks yet; "
+                        f"compute them with `ggufopt logits ... -o {args.baseline}`")
+    if args.to_chunk is None:
+        last = have - 1
+        if have < n:
+            print(f"note: the baseline has chunks 0..{have - 1} of its {n}; evaluating those")
+    else:
+        last = args.to_chunk
+        if not 0 <= last < n:
+            raise UserError(f"--to-chunk {last} is outside the baseline's {n} chunks (0..{n - 1})")
+        if last >= have:
+            raise UserError(f"--to-chunk {last} needs baseline chunks up to {last}, but {args.baseline} has "
+                            f"0..{have - 1}; compute more with `ggufopt logits ... --to {last}` or lower --to-chunk")
     if args.keep is not None and not args.candidate_store:
         raise UserError("--keep bounds --candidate-store; give --candidate-store DIR too")
     n_ctx = int(h["n_ctx"])
@@ -91,6 +110,8 @@ def run(args) -> int:
     results = ResultsStore.create_or_open(args.output, {
         "baseline_id": base.baseline_id, "candidate": {"model_fingerprint": cand_fp, "path": str(Path(args.model).resolve())},
         "imatrix_hash": None, "encoding": h["encoding"], "first": h["first"]}, overwrite=args.overwrite)
+    for path, problem in results.discard_damaged(range(last + 1)):
+        print(f"ggufopt bench: warning: {path} was damaged ({problem}); recomputing it", file=sys.stderr)
     cand_store = None
     if args.candidate_store:
         from ggufopt_ray.evaluation import encoding_params
@@ -99,36 +120,28 @@ def run(args) -> int:
             **{k: h[k] for k in ("vocab_fingerprint", "corpus_fingerprint", "n_ctx", "n_vocab", "first", "n_chunks")},
             "model_fingerprint": cand_fp, "encoding": "exact", "encoding_params": encoding_params("exact")})
     cfg = stopping_config(args)
-    per_chunk, reason = [], "all_chunks"
-    engine = None
     t0 = time.perf_counter()
+    bar = tqdm(total=last + 1, desc="bench", unit="chunk", file=sys.stderr, disable=None)
+
+    def keep_logprobs(i, tokens, logprobs):
+        cand_store.write_payload(i, tokens, {"logprobs": logprobs})
+        if args.keep:
+            cand_store.dir.keep_last(args.keep)
+
+    def progress(i, run):
+        bar.update(1)
+        if len(run.per_chunk) >= 2:
+            s = summarize_run(run.per_chunk, n_boot=0).overall
+            bar.set_postfix_str(f"KLD {s.kld_mean:.5f}±{s.kld_mean_se:.5f} top1 {100 * s.same_top:.1f}%")
+
     try:
-        bar = tqdm(range(last + 1), desc="bench", unit="chunk", file=sys.stderr, disable=None)
-        for i in bar:
-            if results.has(i):
-                metrics = results.read(i)
-            else:
-                if engine is None:
-                    engine = LogitsEngine(args.model, settings)
-                tokens = base.read_tokens(i)
-                metrics = compare_chunk(engine, tokens, base.read_payload(i), h["encoding"], int(h["first"]),
-                                        keep_logprobs=cand_store is not None)
-                if cand_store is not None:
-                    cand_store.write_payload(i, tokens, {"logprobs": metrics.pop("candidate_logprobs")})
-                    if args.keep:
-                        cand_store.dir.keep_last(args.keep)
-                results.write(i, metrics)
-            per_chunk.append(metrics)
-            stop, why = stop_decision(per_chunk, cfg)
-            if len(per_chunk) >= 2:
-                s = summarize_run(per_chunk, n_boot=0).overall
-                bar.set_postfix_str(f"KLD {s.kld_mean:.5f}±{s.kld_mean_se:.5f} top1 {100 * s.same_top:.1f}%")
-            if stop and i < last:
-                reason = why
-                break
+        run = evaluate_candidate(last + 1, base.read_tokens, base.read_payload, results,
+                                 lambda: LogitsEngine(args.model, settings), h["encoding"], int(h["first"]),
+                                 stop_rule=lambda per_chunk: stop_decision(per_chunk, cfg), on_chunk=progress,
+                                 keep_logprobs=keep_logprobs if cand_store is not None else None)
     finally:
-        if engine is not None:
-            engine.close()
+        bar.close()
+    per_chunk, reason = run.per_chunk, run.reason
     summary = summarize_run(per_chunk)
     if args.json:
         print(json.dumps({"chunks": len(per_chunk), "stop_reason": reason, **summary.to_flat_dict()}, indent=2))

@@ -52,7 +52,7 @@ def register(subparsers) -> None:
     p.add_argument("--config", action="append", default=None, metavar="BATCH,UBATCH",
                    help="measure only this configuration (repeatable; any sizes with UBATCH <= BATCH <= --ctx)")
     p.add_argument("--cache-dir", default=None,
-                   help="where results are cached (default $GGUFOPT_CACHE_DIR or ~/.cache/ggufopt/bub)")
+                   help="where results are cached (default bub/ in $GGUFOPT_CACHE_DIR or ~/.cache/ggufopt_ray)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=run)

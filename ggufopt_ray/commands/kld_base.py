@@ -48,7 +48,7 @@ def run_import(args) -> int:
     from ggufopt_ray.errors import UserError
     from ggufopt_ray.evaluation import encoding_params
     from ggufopt_ray.gguf.inspect import check_gguf_file, inspect_model, model_fingerprint
-    from ggufopt_ray.store.baseline import BaselineStore
+    from ggufopt_ray.store.baseline import BaselineStore, tensor_signature
     from ggufopt_ray.store.llamacpp_kld import read_kld_base
 
     kf = read_kld_base(args.file)
@@ -70,11 +70,24 @@ def run_import(args) -> int:
               "corpus_fingerprint": corpus_fp, "n_ctx": kf.n_ctx, "n_vocab": kf.n_vocab,
               "encoding": "llamacpp_uint16", "encoding_params": encoding_params("llamacpp_uint16"),
               "first": kf.first, "n_chunks": kf.n_chunk, "model_path": str(model.resolve()),
-              "runtime": {"n_ctx": kf.n_ctx}, "llama_cpp": {"imported_from": str(Path(args.file).resolve())}}
+              "runtime": {"n_ctx": kf.n_ctx}, "llama_cpp": {"imported_from": str(Path(args.file).resolve())},
+              "tensor_signature": tensor_signature(model)}
+    existed = (Path(args.output) / "header.h5").exists() and not args.overwrite
     store = BaselineStore.create_or_open(args.output, header, overwrite=args.overwrite)
+    for path, problem in store.discard_damaged():
+        print(f"ggufopt kld-base: warning: {path} was damaged ({problem}); importing it again", file=sys.stderr)
     todo = [i for i in range(kf.n_chunk) if not store.has(i)]
-    for i in tqdm(todo, desc="import", unit="chunk", file=sys.stderr, disable=None):
-        store.write_payload(i, chunks[i], kf.payload(i))
+    try:
+        for i in tqdm(todo, desc="import", unit="chunk", file=sys.stderr, disable=None):
+            store.write_payload(i, chunks[i], kf.payload(i))  # payload() refuses garbage rows
+    except UserError:
+        if not existed:  # leave nothing behind that looks like a (partial) baseline of this file
+            store.dir.remove()
+            try:
+                store.root.rmdir()
+            except OSError:
+                pass
+        raise
     print(f"{args.output}: {len(todo)} chunks imported ({kf.n_chunk} of {kf.n_ctx} tokens, vocab {kf.n_vocab}, "
           f"scored from position {kf.first}); judge candidates with `ggufopt bench MODEL --baseline {args.output}`")
     return 0

@@ -107,7 +107,7 @@ def run(args) -> int:
     from ggufopt_ray.errors import UserError
     from ggufopt_ray.evaluation import baseline_payload, encoding_params
     from ggufopt_ray.gguf.inspect import inspect_model, model_fingerprint
-    from ggufopt_ray.store.baseline import BaselineStore
+    from ggufopt_ray.store.baseline import BaselineStore, tensor_signature
 
     settings = runtime_settings(args)
     info = inspect_model(args.model)
@@ -122,8 +122,13 @@ def run(args) -> int:
     header = {"model_fingerprint": model_fingerprint(args.model), "vocab_fingerprint": info.vocab_fingerprint,
               "corpus_fingerprint": corpus_fp, "n_ctx": args.ctx, "n_vocab": info.vocab_size,
               "encoding": args.encoding, "encoding_params": params, "first": first, "n_chunks": len(chunks),
-              "model_path": str(Path(args.model).resolve()), "runtime": settings.to_dict(), "llama_cpp": versions()}
+              "model_path": str(Path(args.model).resolve()), "runtime": settings.to_dict(), "llama_cpp": versions(),
+              "tensor_signature": tensor_signature(args.model)}
     store = BaselineStore.create_or_open(args.output, header, overwrite=args.overwrite)
+    # Verify what is there (a full read, far cheaper than computing it): damaged chunks are
+    # reported, removed and recomputed below instead of being taken as complete.
+    for path, problem in store.discard_damaged(wanted):
+        print(f"ggufopt logits: warning: {path} was damaged ({problem}); recomputing it", file=sys.stderr)
     todo = [i for i in wanted if not store.has(i)]
     if not todo:
         print(f"{args.output}: chunks {wanted.start}..{wanted.stop - 1} already complete; nothing to do")

@@ -54,6 +54,9 @@ import numpy as np
 from ggufopt_ray.errors import UserError
 
 ZFP_MODES = ("rate", "precision", "accuracy", "reversible")
+# Highest fixed rate accepted, in bits per value: twice float32's 32 bits, and within zfp's
+# ZFP_MAX_BITS (16658) bits per block even for 4-d blocks of 256 values (256 * 64 = 16384).
+ZFP_MAX_RATE = 64
 _MODE_PARAMETER = {"rate": "rate", "precision": "precision", "accuracy": "tolerance", "reversible": None}
 FLOAT_SOURCE_TYPES = ("F32", "F16", "BF16")
 PROVENANCE_KEY = "ggufopt.zfp.config"
@@ -105,6 +108,11 @@ class ZfpConfig:
             if not (isinstance(self.rate, (int, float)) and math.isfinite(self.rate) and self.rate > 0):
                 raise UserError(f"rate must be a positive number of bits per value, not {self.rate!r}; "
                                 "e.g. 8")
+            if self.rate > ZFP_MAX_RATE:
+                # zfpy sizes its buffer from the rate: far above the raw 32 bits it aborts in
+                # native code (exit 134, no Python error), so refuse before calling it.
+                raise UserError(f"rate {self.rate:g} is above zfp's useful maximum of {ZFP_MAX_RATE} bits "
+                                "per value (float32 has 32); e.g. 8")
             block = 4 ** int(self.dims) if self.dims in (1, 2, 3, 4) else 16
             if math.floor(block * self.rate + 0.5) < 9:
                 # zfp needs at least 9 bits per block of float32 values (zfp_stream_set_rate);
@@ -547,13 +555,15 @@ def compress_model(model: str | Path, config: ZfpConfig, output: str | Path | No
             writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
 
     report = ZfpReport(source=str(model), output=str(output) if output is not None else None, config=config)
+    bar = None
     try:
         if writer is not None:
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
         bar = tqdm(total=sum(t.n_elements for t in reader.tensors if t.name in selected), unit="w",
-                   unit_scale=True, desc=f"zfp {config.label}", disable=not progress)
+                   unit_scale=True, desc=f"zfp {config.label}",
+                   disable=None if progress else True)  # None: only on a terminal
         for t in reader.tensors:
             report.n_params_total += int(t.n_elements)
             report.source_tensor_bytes += int(t.n_bytes)
@@ -587,10 +597,19 @@ def compress_model(model: str | Path, config: ZfpConfig, output: str | Path | No
         if writer is not None:
             writer.close()
             tmp.replace(output)
-    except BaseException:
+    except BaseException as exc:
+        if bar is not None:
+            bar.close()
         if writer is not None:
-            writer.close()
+            try:
+                writer.close()
+            except OSError:
+                pass  # the disk that failed the write may fail the close too
             tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and output is not None:
+            from ggufopt_ray.store.chunkdir import write_failed
+
+            raise write_failed(output, exc) from None
         raise
     report.seconds_total = time.perf_counter() - t_start
     return report

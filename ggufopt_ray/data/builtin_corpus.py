@@ -1,14 +1,22 @@
 """How the shipped corpus in ``ggufopt_ray/data/builtin/*.txt`` was made (and can be remade).
 
-The default sweep and the tests need text in at least two "languages" without a download:
-``en`` (English prose, generated from sentence templates) and ``code`` (Python functions and
-classes, generated from code templates). The content is synthetic but well-formed, varied in
-length (a fifth of the documents are long enough to span several 256-token chunks) and
-deterministic: ``random.Random(seed)`` draws are stable across Python versions. Documents end
-with the record-separator line ``"\\x1e\\n"``, the format of ../shared/models/corpus.
+The default sweep and the tests need text in several "languages" without a download:
 
-Regenerate with ``python -m ggufopt_ray.data.builtin_corpus``; a test checks that the shipped
-files equal what this module generates.
+- ``en`` (English prose, generated from sentence templates) and ``code`` (Python functions and
+  classes, generated from code templates). The content is synthetic but well-formed, varied in
+  length (a fifth of the documents are long enough to span several 256-token chunks) and
+  deterministic: ``random.Random(seed)`` draws are stable across Python versions. Regenerate
+  with ``python -m ggufopt_ray.data.builtin_corpus``; a test checks that the shipped files equal
+  what this module generates.
+- ``de`` (German prose, :data:`HANDWRITTEN`): real text, written by hand for this package
+  (letters, a fable, short stories, a recipe, instructions, a report, essays; no part copied
+  from another work) and dedicated to the public domain under CC0 1.0, so it ships under the
+  package's MIT licence too. It is not generated: templates would make it as repetitive as the
+  English, and per-language results need one language that is not. ``builtin/README.md`` says
+  the same next to the files.
+
+Documents end with the record-separator line ``"\\x1e\\n"``, the format of ../shared/models/corpus;
+the file name (``{lang}.txt``) is the language label the ``builtin`` data source offers.
 """
 
 from __future__ import annotations
@@ -179,6 +187,8 @@ def code_document(rng: random.Random) -> str:
 
 
 GENERATORS = {"en": english_document, "code": code_document}
+#: shipped languages written by hand (not generated); see the module docstring for the licence
+HANDWRITTEN = ("de",)
 
 
 def generate(lang: str, n_docs: int = N_DOCS, seed: int = SEED) -> str:
@@ -188,6 +198,7 @@ def generate(lang: str, n_docs: int = N_DOCS, seed: int = SEED) -> str:
 
 
 def write_builtin_corpus(directory: str | Path = Path(__file__).parent / "builtin") -> list[Path]:
+    """(Re)write the generated files; the hand-written ones (:data:`HANDWRITTEN`) are left alone."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []

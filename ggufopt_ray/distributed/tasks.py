@@ -13,7 +13,9 @@ from pathlib import Path
 
 import ray
 
+from ggufopt_ray.candidates import Candidate, Recipe, build_candidate
 from ggufopt_ray.config import ClusterConfig
+from ggufopt_ray.engine.imatrix import collect_imatrix, load_imatrix
 
 
 def _node_id() -> str:
@@ -21,29 +23,19 @@ def _node_id() -> str:
 
 
 @ray.remote(num_cpus=1, max_retries=2)
-def build_candidate_task(recipe_dict: dict, base_model: str, cache_dir: str, model_fp: str,
-                         imatrix_path: str | None, threads: int | None) -> dict:
-    from ggufopt_ray.candidates import Recipe, build_candidate
-
-    imatrix = None
-    if imatrix_path:
-        from ggufopt_ray.engine.imatrix import load_imatrix
-
-        imatrix = load_imatrix(imatrix_path)
-    cand = build_candidate(Recipe.from_dict(recipe_dict), base_model, cache_dir, model_fp,
-                           imatrix=imatrix, threads=threads)
-    out = cand.to_dict()
-    out["node_id"] = _node_id()
-    out["pid"] = os.getpid()
-    return out
+def build_candidate_task(recipe: Recipe, base_model: str, cache_dir: str, model_fp: str,
+                         imatrix_path: str | None, threads: int | None) -> Candidate:
+    """Build (or find in the cache) the candidate of ``recipe``; the Candidate says on which node."""
+    imatrix = load_imatrix(imatrix_path) if imatrix_path else None
+    cand = build_candidate(recipe, base_model, cache_dir, model_fp, imatrix=imatrix, threads=threads)
+    cand.node_id = _node_id()
+    return cand
 
 
 @ray.remote(num_cpus=1, max_retries=2)
 def build_imatrix_task(model_path: str, chunks: list, out_path: str, n_ctx: int,
                        threads: int | None) -> dict:
     """Collect an importance matrix over ``chunks`` (cached at ``out_path``)."""
-    from ggufopt_ray.engine.imatrix import collect_imatrix, load_imatrix
-
     out = Path(out_path)
     if out.exists():
         im = load_imatrix(out)

@@ -1,12 +1,13 @@
-"""Ray Tune trials: prepare a candidate, compare it chunk by chunk with the baseline refs, report.
+"""Ray Tune trials: a search's trial config -> candidate -> chunk-by-chunk evaluation -> reports.
 
-A trial is a plain function (Tune's function API). It turns its config into a recipe, has the
-candidate built by a CPU task (cached by model fingerprint + recipe + imatrix hash, so identical
-candidates are never built twice), evaluates it on its own logits engine chunk after chunk
-against the baseline payloads it reads zero-copy from the object store, and reports running
-statistics after every chunk so that a scheduler or the statistical stopping rule can end it.
-Every evaluated chunk is committed to a per-candidate results store, so a retried or resumed
-trial continues where it stopped instead of recomputing.
+A trial is a plain function (Tune's function API). What to build comes from the search object
+(``ctx.search.plan(config)``, see :mod:`ggufopt_ray.searches`); the candidate is built by a CPU
+task (cached by model fingerprint + recipe + imatrix hash, so identical candidates are never built
+twice) and evaluated by the same chunk loop as ``ggufopt bench``
+(:func:`ggufopt_ray.evaluation.evaluate_candidate`) against the baseline payloads it reads
+zero-copy from the object store. Running statistics are reported after every chunk, so a
+scheduler or the statistical stopping rule can end it; every evaluated chunk is committed to a
+per-candidate results store, so a retried or resumed trial continues where it stopped.
 """
 
 from __future__ import annotations
@@ -15,14 +16,23 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import ray
 from ray import tune
 
-from ggufopt_ray.config import ClusterConfig, MetricsConfig, SearchConfig
+from ggufopt_ray.candidates import Candidate, Recipe
+from ggufopt_ray.config import ClusterConfig, MetricsConfig
+from ggufopt_ray.distributed.race import prefix_values
+from ggufopt_ray.distributed.tasks import build_candidate_task, build_imatrix_task, fetch_to_local, task_options
+from ggufopt_ray.engine import LogitsEngine, RuntimeSettings
+from ggufopt_ray.errors import UserError
+from ggufopt_ray.evaluation import EvaluationRun, evaluate_candidate, stop_decision, summarize
+from ggufopt_ray.metrics.racing import RaceDecision, RaceEntry, RacingConfig, per_chunk_values, race_decision
+from ggufopt_ray.searches import Search
+from ggufopt_ray.store.results import ResultsStore
 
 
 @dataclass
@@ -31,14 +41,14 @@ class TrialContext:
 
     base_model: str
     model_fp: str
-    settings: dict  # RuntimeSettings fields for candidate engines
+    settings: RuntimeSettings  # the sweep's runtime settings (threads are set per trial)
     tokens: list  # evaluation chunks (int32 arrays)
     baseline_refs: list  # [[ObjectRef]] per chunk
     baseline_id: str
     encoding: str
     first: int
     metrics: MetricsConfig
-    search: SearchConfig
+    search: Search  # prepared: budgets, sizers, ladders resolved on the driver
     cluster: ClusterConfig
     cache_dir: str
     calib_tokens: list = field(default_factory=list)
@@ -46,6 +56,11 @@ class TrialContext:
     versions: dict = field(default_factory=dict)
     trial_cpus: float = 1.0
     events_path: str = ""  # append-only journal of what ran where (JSON lines)
+    racing: RacingConfig | None = None  # the racing rule (None: the plain stopping rule, or none)
+    board: object = None  # the sweep's RaceBoard actor when racing
+
+    def trial_settings(self) -> RuntimeSettings:
+        return replace(self.settings, n_threads=max(1, int(self.trial_cpus)))
 
 
 def log_event(ctx: TrialContext, event: str, **fields) -> None:
@@ -65,180 +80,146 @@ def _imatrix_path(ctx: TrialContext, n_chunks: int) -> str:
     return str(Path(ctx.cache_dir) / "imatrix" / ctx.model_fp / f"{ctx.calib_fingerprint}-{n_chunks}.gguf")
 
 
-def prepare_candidate(recipe, ctx: TrialContext) -> dict:
-    """Build (or fetch from the cache) the candidate file on a CPU task; returns Candidate dict."""
-    from ggufopt_ray.distributed.tasks import (build_candidate_task, build_imatrix_task, fetch_to_local,
-                                               task_options)
-
+def prepare_candidate(recipe: Recipe, ctx: TrialContext) -> Candidate:
+    """Build (or fetch from the cache) the candidate file on a CPU task, local to this trial."""
     im_path = None
     if recipe.imatrix_chunks:
         k = int(recipe.imatrix_chunks)
         if k > len(ctx.calib_tokens):
-            from ggufopt_ray.errors import UserError
-
             raise UserError(f"an imatrix of {k} chunks needs {k} calibration chunks; the dataset has "
                             f"{len(ctx.calib_tokens)} (raise dataset.calib_chunks)")
         im = ray.get(build_imatrix_task.options(**task_options(ctx.cluster, f"imatrix-{k}")).remote(
-            ctx.base_model, ctx.calib_tokens[:k], _imatrix_path(ctx, k), ctx.settings["n_ctx"], 1))
+            ctx.base_model, ctx.calib_tokens[:k], _imatrix_path(ctx, k), ctx.settings.n_ctx, 1))
         im_path = fetch_to_local(im["path"], im["node_id"])
     cand = ray.get(build_candidate_task.options(**task_options(ctx.cluster, f"build-{recipe.label()}")).remote(
-        recipe.to_dict(), ctx.base_model, ctx.cache_dir, ctx.model_fp, im_path, 1))
-    cand["path"] = fetch_to_local(cand["path"], cand["node_id"])
+        recipe, ctx.base_model, ctx.cache_dir, ctx.model_fp, im_path, 1))
+    cand.path = fetch_to_local(cand.path, cand.node_id)
     return cand
 
 
-def _results_root(ctx: TrialContext, cand: dict) -> Path:
-    from ggufopt_ray.candidates import Recipe
-
-    key = Recipe.from_dict(cand["recipe"]).key() + (cand.get("imatrix_hash") or "")
-    return Path(ctx.cache_dir) / "results" / ctx.baseline_id / key
+def _results_root(ctx: TrialContext, cand: Candidate) -> Path:
+    return Path(ctx.cache_dir) / "results" / ctx.baseline_id / (cand.recipe.key() + (cand.imatrix_hash or ""))
 
 
 def quality_trial(config: dict, ctx: TrialContext) -> None:
     """Tune trainable: evaluate one candidate against the baseline, reporting after each chunk."""
-    from ggufopt_ray.distributed.spaces import recipe_from_config
-    from ggufopt_ray.engine import LogitsEngine, RuntimeSettings
-    from ggufopt_ray.evaluation import compare_chunk, summarize, stop_decision
-    from ggufopt_ray.store.results import ResultsStore
-
     t_start = time.perf_counter()
-    config = config.get("cfg", config)  # grid trials carry their point under "cfg"
-    sampled = recipe_from_config(config, ctx.search).label()
-    config = _fit_to_budget(config, ctx)
-    recipe = recipe_from_config(config, ctx.search)
-    base_row = {"label": recipe.label(), "recipe": json.dumps(recipe.to_dict(), sort_keys=True),
-                "sampled_label": sampled, "fitted_to_budget": recipe.label() != sampled,
+    plan = ctx.search.plan(config.get("cfg", config))  # grid trials carry their point under "cfg"
+    recipe = plan.recipe
+    base_row = {"label": plan.label, "recipe": json.dumps(recipe.to_dict(), sort_keys=True),
+                "sampled_label": plan.sampled_label, "fitted_to_budget": plan.fitted,
                 "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
-    log_event(ctx, "trial_start", label=recipe.label())
-    over = _over_budget(recipe, ctx)
+    log_event(ctx, "trial_start", label=plan.label)
+    try:
+        _evaluate(plan, base_row, ctx, t_start)
+    except UserError as exc:
+        # A bad setting or input fails the same way on every retry: report it once, as a result,
+        # instead of raising into Tune's retries (cluster.max_failures).
+        log_event(ctx, "trial_error", label=plan.label, error=str(exc))
+        tune.report({**base_row, "stop_reason": "error", "error": str(exc), "chunks": 0, "objective": 1e9,
+                     "done_eval": True})
+
+
+def _evaluate(plan, base_row: dict, ctx: TrialContext, t_start: float) -> None:
+    recipe = plan.recipe
+    over = ctx.search.over_budget(plan)
     if over is not None:
         tune.report({**base_row, **over, "stop_reason": "over_size_budget", "chunks": 0,
                      "objective": 1e9, "done_eval": True})
         return
     cand = prepare_candidate(recipe, ctx)
-    log_event(ctx, "candidate", label=recipe.label(), cached=bool(cand["cached"]), node_id=cand.get("node_id"))
+    log_event(ctx, "candidate", label=plan.label, cached=bool(cand.cached), node_id=cand.node_id)
     t_built = time.perf_counter()
     store = ResultsStore.create_or_open(_results_root(ctx, cand), {
-        "baseline_id": ctx.baseline_id, "candidate": cand["recipe"], "imatrix_hash": cand.get("imatrix_hash"),
+        "baseline_id": ctx.baseline_id, "candidate": recipe.to_dict(), "imatrix_hash": cand.imatrix_hash,
         "model_fingerprint": ctx.model_fp, "encoding": ctx.encoding, "first": ctx.first,
-        "settings": ctx.settings})
-    settings = RuntimeSettings(**{**ctx.settings, "n_threads": max(1, int(ctx.trial_cpus))})
-    engine = None
-    per_chunk: list[dict] = []
-    from_object_store = 0
-    computed = 0
-    eval_compute_s = 0.0
-    reason = "all_chunks"
-    try:
-        for i, tokens in enumerate(ctx.tokens):
-            if store.has(i):
-                metrics = store.read(i)
-            else:
-                if engine is None:
-                    engine = LogitsEngine(cand["path"], settings)
-                payload = ray.get(ctx.baseline_refs[i][0])
-                from_object_store += 1
-                t_chunk = time.perf_counter()
-                metrics = compare_chunk(engine, tokens, payload, ctx.encoding, ctx.first)
-                eval_compute_s += time.perf_counter() - t_chunk
-                store.write(i, metrics)
-                computed += 1
-                log_event(ctx, "chunk", label=recipe.label(), chunk=i)
-            per_chunk.append(metrics)
-            stop, why = stop_decision(per_chunk, ctx.metrics)
-            last = i == len(ctx.tokens) - 1
-            # Running reports need a rough interval only; the final row gets the full bootstrap.
-            summary = summarize(per_chunk, n_boot=1000 if (stop or last) else 200)
-            if stop and not last:
-                reason = why
-            row = {**base_row, **summary, "chunks": i + 1,
-                   "bits_per_weight": cand["bits_per_weight"], "size_bytes": cand["size_bytes"],
-                   "candidate_cached": cand["cached"], "build_seconds": cand["build_seconds"],
-                   "imatrix_hash": cand.get("imatrix_hash") or "",
-                   "baseline_chunks_from_object_store": from_object_store, "chunks_computed": computed,
-                   "candidate_path": cand["path"], "build_node_id": cand.get("node_id", ""),
-                   "results_store": str(store.root),
-                   "eval_seconds": time.perf_counter() - t_built, "trial_seconds": time.perf_counter() - t_start,
-                   "eval_tokens_per_s": (computed * len(tokens) / eval_compute_s) if eval_compute_s > 0 else math.nan,
-                   "stop_reason": reason if (stop or last) else "running", "done_eval": bool(stop or last),
-                   "objective": _objective(summary, cand, ctx)}
-            row.update({k: v for k, v in (cand.get("extra") or {}).items() if isinstance(v, (int, float))})
-            tune.report(row)
-            if stop:
-                break
-        log_event(ctx, "trial_done", label=recipe.label(), chunks=len(per_chunk), computed=computed)
-    finally:
-        if engine is not None:
-            engine.close()
+        "settings": asdict(ctx.settings)})
+    fetched = [0]
+    race = RaceRule(ctx, plan.label, cand.bits_per_weight) if ctx.racing is not None else None
+    stop_rule = race if race is not None else (lambda per_chunk: stop_decision(per_chunk, ctx.metrics))
+
+    def payload_of(i: int) -> dict:
+        fetched[0] += 1
+        return ray.get(ctx.baseline_refs[i][0])
+
+    def report(i: int, run: EvaluationRun) -> None:
+        if run.last_computed:
+            log_event(ctx, "chunk", label=plan.label, chunk=i)
+        # Running reports need a rough interval only; the final row gets the full bootstrap.
+        summary = summarize(run.per_chunk, n_boot=1000 if run.done else 200)
+        row = {**base_row, **summary, "chunks": len(run.per_chunk),
+               "bits_per_weight": cand.bits_per_weight, "size_bytes": cand.size_bytes,
+               "candidate_cached": cand.cached, "build_seconds": cand.build_seconds,
+               "imatrix_hash": cand.imatrix_hash or "",
+               "baseline_chunks_from_object_store": fetched[0], "chunks_computed": run.computed,
+               "candidate_path": cand.path, "build_node_id": cand.node_id, "results_store": str(store.root),
+               "eval_seconds": time.perf_counter() - t_built, "trial_seconds": time.perf_counter() - t_start,
+               "eval_tokens_per_s": run.tokens_per_s,
+               "stop_reason": run.reason if run.done else "running", "done_eval": run.done,
+               "objective": ctx.search.objective(summary, cand.bits_per_weight)}
+        row.update({k: v for k, v in cand.extra.items() if isinstance(v, (int, float))})
+        if race is not None:
+            row.update(race.row_fields())
+        tune.report(row)
+
+    run = evaluate_candidate(len(ctx.tokens), lambda i: ctx.tokens[i], payload_of, store,
+                             lambda: LogitsEngine(cand.path, ctx.trial_settings()), ctx.encoding, ctx.first,
+                             stop_rule=stop_rule, on_chunk=report)
+    log_event(ctx, "trial_done", label=plan.label, chunks=len(run.per_chunk), computed=run.computed)
 
 
-def _objective(summary: dict, cand: dict, ctx: TrialContext) -> float:
-    target = ctx.search.objectives[0] if ctx.search.objectives else "composite"
-    key = {"composite": "composite", "mean": "kld_mean", "median": "kld_median", "p99": "kld_p99"}.get(target, target)
-    value = float(summary.get(key, math.nan))
-    if ctx.search.target_bpw is not None and cand["bits_per_weight"] > ctx.search.target_bpw:
-        value += 1e3  # over the size budget: never preferred to a candidate that fits
-    return value
+class RaceRule:
+    """The racing stop rule of one trial: post each chunk's value to the board, decide with
+    everyone's values (:func:`ggufopt_ray.metrics.racing.race_decision`, a pure function)."""
+
+    def __init__(self, ctx: TrialContext, label: str, size: float):
+        self.ctx, self.label, self.size = ctx, label, float(size)
+        self.values: list[float] = []
+        self.decision: RaceDecision | None = None
+
+    def __call__(self, per_chunk: list[dict]) -> tuple[bool, str]:
+        cfg = self.ctx.racing
+        self.values.extend(per_chunk_values(per_chunk[len(self.values):], cfg.target))
+        state = ray.get(self.ctx.board.post.remote(self.label, self.size, len(self.values) - 1, self.values[-1]))
+        others = [RaceEntry(label, e["size"], prefix_values(e)) for label, e in state.items() if label != self.label]
+        me = RaceEntry(self.label, self.size, list(self.values), chunks=per_chunk if cfg.target != "mean" else None)
+        self.decision = race_decision([me, *others], self.label, cfg)
+        return self.decision.stop, self.decision.reason
+
+    def row_fields(self) -> dict:
+        """The decision in the results row: who dominated, and the borrowed-strength mean."""
+        d = self.decision
+        if d is None:
+            return {}
+        out = {"dominated_by": d.dominated_by or ""}
+        adj = d.adjusted or {}
+        if self.ctx.racing.target == "mean" and adj:
+            out.update({"kld_mean_adj": adj.get("estimate"), "kld_mean_adj_se": adj.get("se"),
+                        "kld_mean_adj_lo": adj.get("lo"), "kld_mean_adj_hi": adj.get("hi"),
+                        "kld_mean_adj_control": adj.get("control") or ""})
+        return out
 
 
-_SIZERS: dict = {}  # (model, base type) -> MixSizer; trial actors are reused, so this persists
-
-
-def _fit_to_budget(config: dict, ctx: TrialContext) -> dict:
-    """A per-tensor mix over the size budget, stepped down to the nearest mix that fits.
-
-    Sizes come from one dry run of the base type (see :mod:`ggufopt_ray.mixes`); the final mix is
-    still checked by a real dry run in :func:`_over_budget`. Configs that are not mixes, and mixes
-    no change can fit, come back unchanged (the latter are then reported over budget).
-    """
-    from ggufopt_ray.distributed.spaces import mix_overrides
-    from ggufopt_ray.mixes import MixSizer, fit_mix
-
-    groups = {k: v for k, v in config.items() if k.startswith("mix_")}
-    if ctx.search.target_bpw is None or not groups:
-        return config
-    base_type = str(config.get("ftype") or ctx.search.base_type)
-    key = (ctx.base_model, base_type)
-    if key not in _SIZERS:
-        _SIZERS[key] = MixSizer.for_model(ctx.base_model, base_type)
-    sizer, n_layer = _SIZERS[key], int(config.get("n_layer", 0))
-    fitted = fit_mix(groups, list(ctx.search.mix_types),
-                     lambda choice: sizer.bits_per_weight(mix_overrides(choice, n_layer)), float(ctx.search.target_bpw))
-    return config if fitted is None else {**config, **fitted}
-
-
-def _over_budget(recipe, ctx: TrialContext) -> dict | None:
-    """For a size budget, a dry run tells the exact size before any quantization work."""
-    if ctx.search.target_bpw is None or recipe.kind != "quant" or recipe.imatrix_chunks:
-        return None
-    from ggufopt_ray.engine.quantize import quantize_model
-
-    plan = quantize_model(ctx.base_model, recipe.ftype, dry_run=True, tensor_types=list(recipe.overrides) or None,
-                          output_type=recipe.output_type, embd_type=recipe.embd_type, pure=recipe.pure,
-                          threads=1)
-    if plan.bits_per_weight > ctx.search.target_bpw:
-        return {"bits_per_weight": plan.bits_per_weight, "size_bytes": plan.size_bytes}
-    return None
-
-
-def bub_trial(config: dict, ctx: TrialContext) -> None:
-    """Tune trainable for batch/ubatch: logits throughput of the base model, per chunk."""
-    from ggufopt_ray.engine import LogitsEngine, RuntimeSettings
-
+def speed_trial(config: dict, ctx: TrialContext) -> None:
+    """Tune trainable for batch/ubatch: logits throughput of the base model (``search=bub``)."""
     config = config.get("cfg", config)
     n_batch, n_ubatch = int(config["n_batch"]), int(config["n_ubatch"])
-    settings = RuntimeSettings(**{**ctx.settings, "n_batch": n_batch, "n_ubatch": n_ubatch,
-                                  "n_threads": max(1, int(ctx.trial_cpus))})
-    rates = []
-    with LogitsEngine(ctx.base_model, settings) as engine:
-        engine.logits(ctx.tokens[0])  # warm-up, untimed
-        for i, tokens in enumerate(ctx.tokens[: max(2, min(len(ctx.tokens), 6))]):
-            t0 = time.perf_counter()
-            engine.logits(tokens)
-            rates.append(len(tokens) / (time.perf_counter() - t0))
-            tune.report({"label": f"b{n_batch}-u{n_ubatch}", "n_batch": n_batch, "n_ubatch": n_ubatch,
-                         "tokens_per_s": float(np.median(rates)), "chunks": i + 1,
-                         "objective": -float(np.median(rates)), "stop_reason": "running", "done_eval": False})
-    tune.report({"label": f"b{n_batch}-u{n_ubatch}", "n_batch": n_batch, "n_ubatch": n_ubatch,
-                 "tokens_per_s": float(np.median(rates)), "chunks": len(rates),
-                 "objective": -float(np.median(rates)), "stop_reason": "all_chunks", "done_eval": True})
+    head = {"label": f"b{n_batch}-u{n_ubatch}", "n_batch": n_batch, "n_ubatch": n_ubatch}
+    rates: list[float] = []
+
+    def running(step: int, tokens_per_s: float) -> bool:
+        rates.append(tokens_per_s)
+        median = float(np.median(rates))
+        tune.report({**head, "tokens_per_s": median, "chunks": step + 1, "objective": -median,
+                     "stop_reason": "running", "done_eval": False})
+        return False  # Tune's scheduler, not this loop, decides about stopping
+
+    m, from_cache = ctx.search.measure(n_batch, n_ubatch, running)
+    ok = m.status == "complete" and math.isfinite(m.tokens_per_s)
+    tune.report({**head, "tokens_per_s": m.tokens_per_s, "tokens_per_s_mean": m.mean_tokens_per_s,
+                 "chunks": len(m.chunk_tokens_per_s), "objective": -m.tokens_per_s if ok else 1e9,
+                 "stop_reason": "all_chunks" if ok else m.status, "done_eval": True, "from_cache": from_cache,
+                 "measurement": json.dumps(m.to_dict())})
+
+
+TRIALS = {"quality": quality_trial, "speed": speed_trial}

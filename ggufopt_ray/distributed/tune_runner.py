@@ -18,7 +18,7 @@ from ray import tune
 from ray.tune.logger import CSVLoggerCallback
 
 from ggufopt_ray.config import ClusterConfig, SearchConfig
-from ggufopt_ray.errors import UserError
+from ggufopt_ray.searches import Search
 
 EXPERIMENT_NAME = "sweep"
 
@@ -61,16 +61,20 @@ def _scheduler(search: SearchConfig, n_chunks: int, min_chunks: int):
     if search.scheduler == "median":
         return MedianStoppingRule(time_attr="training_iteration", grace_period=max(1, min_chunks),
                                   min_samples_required=2)
-    raise UserError(f"search.scheduler must be none, asha or median, not {search.scheduler!r}")
+    raise ValueError(f"unknown scheduler {search.scheduler!r}")  # Search.validate refuses it earlier
 
 
-def run_trials(trainable, *, search: SearchConfig, cluster: ClusterConfig, storage_path: Path,
-               grid: list[dict] | None, space=None, n_chunks: int, min_chunks: int,
-               callbacks: list | None = None, resume: bool = True) -> TuneOutcome:
-    """Run ``trainable`` over ``grid`` (every config) or ``space`` (Optuna, ``search.num_samples``)."""
+def run_trials(trainable, *, search: Search, cluster: ClusterConfig, storage_path: Path, n_chunks: int,
+               min_chunks: int, callbacks: list | None = None, resume: bool = True,
+               configs: list[dict] | None = None, name: str = EXPERIMENT_NAME) -> TuneOutcome:
+    """Run ``trainable`` over the search's grid (every config) or its Optuna space (``num_samples``).
+
+    ``configs`` runs exactly these configs as a grid instead (a search's later rounds), as the
+    experiment ``name`` under ``storage_path`` (each round resumes on its own)."""
     storage_path = Path(storage_path).resolve()
-    exp_path = storage_path / EXPERIMENT_NAME
+    exp_path = storage_path / name
     wrapped = tune.with_resources(trainable, trial_resources(cluster))
+    cfg = search.cfg
     resumed = False
     if resume and tune.Tuner.can_restore(str(exp_path)):
         tuner = tune.Tuner.restore(str(exp_path), trainable=wrapped, resume_unfinished=True,
@@ -78,42 +82,35 @@ def run_trials(trainable, *, search: SearchConfig, cluster: ClusterConfig, stora
         resumed = True
     else:
         run_config = tune.RunConfig(
-            name=EXPERIMENT_NAME, storage_path=str(storage_path), verbose=0,
+            name=name, storage_path=str(storage_path), verbose=0,
             failure_config=tune.FailureConfig(max_failures=cluster.max_failures),
             # The CSV logger keeps every per-chunk report on disk (curves survive a resume).
             callbacks=[CSVLoggerCallback(), *(callbacks or [])])
-        if grid is not None:
+        if cfg.mode == "grid" or configs is not None:
             tune_config = tune.TuneConfig(metric="objective", mode="min", num_samples=1, reuse_actors=True,
                                           max_concurrent_trials=concurrency(cluster),
-                                          scheduler=_scheduler(search, n_chunks, min_chunks))
-            param_space = {"cfg": tune.grid_search(grid)}
+                                          scheduler=_scheduler(cfg, n_chunks, min_chunks))
+            param_space = {"cfg": tune.grid_search(configs if configs is not None else search.grid())}
         else:
             import optuna
             from ray.tune.search.optuna import OptunaSearch
 
-            from ggufopt_ray.distributed.spaces import KEEP, mix_groups
-
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-            multi = len(search.objectives) > 1
-            if multi and search.scheduler != "none":
-                raise UserError("schedulers rank trials by one metric; use search.scheduler=none with "
-                                "several search.objectives")
             # Several objectives: Optuna's multi-objective TPE over (objective, bits per weight),
             # the front of which is the Pareto set written with the results.
+            multi = len(cfg.objectives) > 1
             metric = ["objective", "bits_per_weight"] if multi else "objective"
             mode = ["min", "min"] if multi else "min"
-            # A mix search starts from the plain base type: the reference every mix must beat.
-            start = ([{f"mix_{g}": KEEP for g in mix_groups(search)}] if search.name == "quant_mix" else None)
-            searcher = OptunaSearch(space=space, metric=metric, mode=mode, seed=search.seed, points_to_evaluate=start,
-                                    sampler=optuna.samplers.TPESampler(seed=search.seed,
-                                                                       n_startup_trials=min(4, search.num_samples)))
+            searcher = OptunaSearch(space=search.space(), metric=metric, mode=mode, seed=cfg.seed,
+                                    points_to_evaluate=search.start_points(),
+                                    sampler=optuna.samplers.TPESampler(seed=cfg.seed,
+                                                                       n_startup_trials=min(4, cfg.num_samples)))
             tune_config = tune.TuneConfig(metric=None if multi else "objective", mode=None if multi else "min",
                                           reuse_actors=True,
                                           search_alg=searcher,
-                                          num_samples=search.num_samples,
+                                          num_samples=cfg.num_samples,
                                           max_concurrent_trials=concurrency(cluster),
-                                          scheduler=_scheduler(search, n_chunks, min_chunks))
+                                          scheduler=_scheduler(cfg, n_chunks, min_chunks))
             param_space = None
         tuner = tune.Tuner(wrapped, tune_config=tune_config, run_config=run_config,
                            **({"param_space": param_space} if param_space is not None else {}))
@@ -125,6 +122,9 @@ def run_trials(trainable, *, search: SearchConfig, cluster: ClusterConfig, stora
             lines = [ln for ln in str(r.error).splitlines() if ln.strip()]
             errors.append(f"{config}: {lines[-1] if lines else type(r.error).__name__}")
         metrics = dict(r.metrics or {})
+        if metrics.get("stop_reason") == "error":  # a deterministic error the trial reported itself
+            errors.append(f"{metrics.get('label', config)}: {metrics.get('error', 'failed')}")
+            continue
         if "label" not in metrics:  # failed before its first report
             continue
         if metrics.get("stop_reason") == "running":

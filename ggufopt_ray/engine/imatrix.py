@@ -16,6 +16,10 @@ Accumulation is float64 within a chunk and folded into the float32 sums (the pre
 file format) once per chunk. Growing an imatrix chunk by chunk, with a save and load in between,
 therefore gives bit-for-bit the same numbers as collecting all chunks at once.
 
+Because the statistics are sums over tokens, imatrices of single languages collected once combine
+into the imatrix of any language mix (:func:`mix_imatrices`, :func:`weighted_sum`): a weighted sum
+of the parts equals collecting on the chunk list with each language's chunks weighted alike.
+
 Files: llama.cpp's GGUF imatrix format (``general.type = imatrix``, ``imatrix.datasets``,
 ``imatrix.chunk_count``, ``imatrix.chunk_size``; tensors ``<weight>.in_sum2`` with ggml shape
 ``[n_cols, n_mat]`` and ``<weight>.counts`` with ``[1, n_mat]``), which llama.cpp's own
@@ -28,7 +32,7 @@ import hashlib
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -280,6 +284,97 @@ class Imatrix:
         return cls(entries, chunk_count, chunk_size, datasets, "")
 
 
+# -- weighted combination (calibration mixes) -------------------------------------------------------
+def weighted_sum(terms: Sequence[tuple[Imatrix, float]], *, label: str | None = None) -> Imatrix:
+    """``sum_i f_i * im_i``: sums of squares and token counts of each imatrix scaled by ``f_i``.
+
+    An imatrix is additive over chunks, so with integer factors this *is* the imatrix of the
+    chunks of ``im_1`` repeated ``f_1`` times, plus those of ``im_2`` repeated ``f_2`` times, and
+    so on. A non-integer factor gives every chunk of that imatrix the weight ``f`` in the sums of
+    squares and in the token counts: the collection on a weighted chunk list, and the expected
+    value of collecting on a random share ``f`` of those chunks (or ``f`` draws with replacement
+    when ``f`` > 1). llama.cpp stores counts as whole numbers, so each combined count is rounded
+    (up to at least 1 when any weight reached it) and its sums are rescaled by the same ratio:
+    ``sums / counts``, the only thing the quantizer uses, stays exact; counts are off by less
+    than one token. Arithmetic is float64, stored as float32 like every imatrix.
+
+    Factors must be >= 0 and not all 0; zero-factor terms are left out. Every imatrix must come
+    from the same model (same tensor shapes). Metadata: ``chunk_count`` is the rounded weighted
+    chunk count, ``chunk_size`` the largest, ``datasets`` the parts' names plus ``label``, and
+    the fingerprint hashes the parts' fingerprints with their factors (it differs from the
+    fingerprint of an actual collection on the weighted chunks, which chains token ids).
+    """
+    terms = [(im, float(f)) for im, f in terms]
+    for _, f in terms:
+        if not np.isfinite(f) or f < 0:
+            raise UserError(f"imatrix weights must be finite and >= 0, got {f}")
+    terms = [(im, f) for im, f in terms if f > 0]
+    if not terms:
+        raise UserError("every imatrix weight is 0: give at least one language a positive weight")
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, np.ndarray] = {}
+    for im, f in terms:
+        for name, e in im.entries.items():
+            if name not in sums:
+                sums[name] = np.zeros(e.sums.shape, dtype=np.float64)
+                counts[name] = np.zeros(e.counts.shape, dtype=np.float64)
+            elif sums[name].shape != e.sums.shape:
+                raise UserError(f"cannot combine imatrices: {name} has shape {sums[name].shape} in one and "
+                                f"{e.sums.shape} in another; they come from different models")
+            sums[name] += f * e.sums.astype(np.float64)
+            counts[name] += f * e.counts.astype(np.float64)
+    out = Imatrix()
+    for name in sorted(sums):
+        c = counts[name]
+        whole = np.where(c > 0, np.maximum(np.rint(c), 1.0), 0.0)
+        scale = np.divide(whole, c, out=np.ones_like(c), where=c > 0)
+        out.entries[name] = ImatrixEntry((sums[name] * scale[:, None]).astype(np.float32), whole.astype(np.int64))
+    out.chunk_count = int(round(sum(f * im.chunk_count for im, f in terms)))
+    out.chunk_size = max(im.chunk_size for im, _ in terms)
+    for im, _ in terms:
+        out.datasets += [d for d in im.datasets if d not in out.datasets]
+    if label:
+        out.datasets.append(label)
+    fp = ""
+    for im, f in terms:
+        fp = _chain(fp, f"{im.dataset_fingerprint or im.hash()}*{f!r}".encode())
+    out.dataset_fingerprint = fp
+    return out
+
+
+def mix_imatrices(parts: Mapping[str, Imatrix], chunks: Mapping[str, float]) -> Imatrix:
+    """The imatrix of a calibration mix from per-language imatrices collected once each.
+
+    ``parts[lang]`` was collected on ``parts[lang].chunk_count`` chunks of that language;
+    ``chunks[lang]`` says how many chunks' worth of it the mix holds. Each part is scaled by
+    ``chunks[lang] / parts[lang].chunk_count`` (see :func:`weighted_sum`): asking for 4 chunks of
+    a language collected on 2 counts each of its chunks twice, exactly as collecting on the
+    chunk list with those chunks repeated; 1 chunk's worth of it weights each by 0.5 (the
+    expected imatrix of one chunk drawn at random from the two). Languages left out of ``chunks``
+    or given 0 are not in the mix. The quantizer uses only ``sums / counts``, so it sees the
+    proportions; the total sets ``chunk_count`` and counts. Asking for more chunks than were
+    collected extrapolates: the statistics are no more precise than the chunks behind them.
+    """
+    unknown = sorted(set(chunks) - set(parts))
+    if unknown:
+        raise UserError(f"the mix names {', '.join(map(repr, unknown))} but imatrices exist only for "
+                        f"{', '.join(map(repr, sorted(parts))) or 'nothing'}")
+    terms = []
+    for lang in sorted(chunks):
+        want = float(chunks[lang])
+        if not np.isfinite(want) or want < 0:
+            raise UserError(f"the mix gives {lang!r} {chunks[lang]} chunks; use a number >= 0")
+        if want == 0:
+            continue
+        have = parts[lang].chunk_count
+        if have <= 0:
+            raise UserError(f"the imatrix of {lang!r} records no chunks (chunk_count 0); "
+                            "collect it with collect_imatrix or give its weight as a factor to weighted_sum")
+        terms.append((parts[lang], want / have))
+    label = "mix:" + ",".join(f"{lang}={float(chunks[lang]):g}" for lang in sorted(chunks) if chunks[lang])
+    return weighted_sum(terms, label=label)
+
+
 def load_imatrix(path: str | Path, legacy_chunk_size: int = LEGACY_DEFAULT_CHUNK_SIZE) -> Imatrix:
     return Imatrix.load(path, legacy_chunk_size)
 
@@ -518,4 +613,4 @@ def text_chunks(engine, text: str, n_ctx: int, max_chunks: int | None = None) ->
 
 
 __all__ = ["Imatrix", "ImatrixEntry", "ImatrixCollector", "collect_imatrix", "load_imatrix",
-           "imatrix_settings", "text_chunks", "chunk_fingerprint"]
+           "imatrix_settings", "text_chunks", "chunk_fingerprint", "weighted_sum", "mix_imatrices"]

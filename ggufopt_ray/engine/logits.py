@@ -1,9 +1,15 @@
-"""Full-vocabulary logits for every position of a token chunk, from a model loaded once.
+"""Full-vocabulary logits of the scored positions of token chunks, from a model loaded once.
 
 This is the hot loop of the whole project: a baseline worker and every candidate evaluation run
 it over many chunks. The model and context are created once per engine; each chunk clears the KV
-cache, is decoded in ``n_batch``-sized pieces with every position marked as an output, and the
-logits are copied once, straight from llama.cpp's buffer into the result array.
+cache and is decoded in ``n_batch``-sized pieces. Only positions from ``first`` on are marked as
+outputs, as llama-perplexity marks only the second half of a chunk: llama.cpp then skips the
+output norm, the output matmul (a large share of the model at big vocabularies) and the logits
+copy for the rest. The logits are copied once, from llama.cpp's buffer into the result array.
+
+When ``n_batch`` holds several chunks (``n_batch >= 2 * n_ctx``) the engine keeps
+``n_batch // n_ctx`` sequences, and ``logits_many`` decodes that many chunks at once, each as
+its own sequence — llama-perplexity's ``n_seq`` — which keeps the matmuls wide for short chunks.
 """
 
 from __future__ import annotations
@@ -51,7 +57,11 @@ class RuntimeSettings:
 
 
 class LogitsEngine(ModelSession):
-    """One loaded model + context; ``logits(tokens)`` evaluates a chunk from an empty KV cache."""
+    """One loaded model + context; ``logits(tokens)`` evaluates a chunk from an empty KV cache.
+
+    With ``n_batch >= 2 * n_ctx`` the context holds ``n_batch // n_ctx`` sequences of ``n_ctx``
+    tokens (KV memory grows accordingly) and ``logits_many`` packs that many chunks per decode.
+    """
 
     def __init__(self, model_path: str | Path, settings: RuntimeSettings = RuntimeSettings(),
                  cb_eval=None):
@@ -61,6 +71,7 @@ class LogitsEngine(ModelSession):
             model_path, n_ctx=settings.n_ctx, n_batch=settings.n_batch, n_ubatch=settings.n_ubatch,
             n_threads=settings.resolved_threads(), n_gpu_layers=settings.n_gpu_layers,
             flash_attn=settings.flash_attn, verbose=settings.verbose, cb_eval=cb_eval,
+            n_seq=max(1, settings.n_batch // settings.n_ctx),
             train_ctx_error=lambda n, t: (f"n_ctx={n} is longer than the model's training context ({t}); "
                                           f"use n_ctx <= {t}"))
 
@@ -94,20 +105,101 @@ class LogitsEngine(ModelSession):
             raise UserError(f"token ids must be in [0, {self.n_vocab}), got [{lo}, {hi}]; "
                             "the chunk was made with another tokenizer")
 
+    def _check_first(self, n: int, first: int) -> int:
+        first = int(first)
+        if not 0 <= first < n:
+            raise UserError(f"first output position {first} is outside 0..{n - 1} for a chunk of {n} "
+                            "tokens; lower it")
+        return first
+
+    def _out_array(self, out: np.ndarray | None, rows: int) -> np.ndarray:
+        shape = (rows, self.n_vocab)
+        if out is None:
+            return np.empty(shape, dtype=np.float32)
+        if out.shape != shape or out.dtype != np.float32:
+            raise ValueError(f"out must be float32 of shape {shape}, got {out.dtype} {out.shape}")
+        return out
+
     # -- logits -------------------------------------------------------------------------------
-    def logits(self, tokens: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
-        """float32 logits ``[len(tokens), n_vocab]``, one row per position, from an empty cache."""
+    def logits(self, tokens: Sequence[int], first: int = 0, out: np.ndarray | None = None) -> np.ndarray:
+        """float32 logits ``[len(tokens) - first, n_vocab]`` of positions ``first ..
+        len(tokens)-1``, from an empty cache; positions before ``first`` are decoded (they are the
+        context) but not output. ``first=0`` gives every position (an importance-matrix collector
+        needs that: the last layers only see output positions)."""
         if self._ctx is None:
             raise RuntimeError("engine is closed")
         tokens = np.ascontiguousarray(tokens, dtype=np.int32)
         self._check_tokens(tokens)
         n = tokens.size
-        if out is None:
-            out = np.empty((n, self.n_vocab), dtype=np.float32)
+        first = self._check_first(n, first)
+        out = self._out_array(out, n - first)
         self.clear()
+        done = 0  # rows of ``out`` filled
         for start in range(0, n, self.n_batch):
             m = min(self.n_batch, n - start)
             self._tok[:m] = tokens[start:start + m]
+            k = max(0, min(m, start + m - first))  # outputs in this piece: its last k positions
+            # A lone output row goes through llama.cpp's one-row matmul kernels, which round
+            # differently (up to ~1e-3 on F16 weights); output one more row and drop it, so rows
+            # stay those of an all-position call.
+            extra = 1 if k == 1 and m >= 2 else 0
+            self._out[:m - k - extra] = 0
+            self._out[m - k - extra:m] = 1
             self.decode(m, start)
-            out[start:start + m] = self.output_rows(m)
+            if k:
+                out[done:done + k] = self.output_rows(k + extra)[extra:]
+                done += k
         return out
+
+    def logits_many(self, chunks: Sequence[Sequence[int]], first: int = 0) -> list[np.ndarray]:
+        """``[self.logits(c, first) for c in chunks]``, with up to ``n_seq`` chunks per decode.
+
+        Chunks are packed in order, each as its own sequence, while they fit one batch of
+        ``n_batch`` tokens; a chunk longer than that (or an engine with one sequence) is
+        evaluated alone in pieces. All chunks are checked before anything runs.
+        """
+        if self._ctx is None:
+            raise RuntimeError("engine is closed")
+        chunks = [np.ascontiguousarray(c, dtype=np.int32) for c in chunks]
+        for c in chunks:
+            self._check_tokens(c)
+            self._check_first(c.size, first)
+        results: list[np.ndarray] = []
+        i = 0
+        while i < len(chunks):
+            group = [chunks[i]]
+            total = chunks[i].size
+            while (len(group) < self.n_seq and i + len(group) < len(chunks)
+                   and total + chunks[i + len(group)].size <= self.n_batch):
+                total += chunks[i + len(group)].size
+                group.append(chunks[i + len(group)])
+            if len(group) == 1:
+                results.append(self.logits(group[0], first))
+            else:
+                results.extend(self._decode_group(group, int(first)))
+            i += len(group)
+        return results
+
+    def _decode_group(self, group: list[np.ndarray], first: int) -> list[np.ndarray]:
+        """One decode of several whole chunks, chunk ``s`` as sequence ``s``."""
+        total = sum(c.size for c in group)
+        seq = np.empty(total, dtype=np.int32)
+        at = 0
+        for s, c in enumerate(group):
+            n = c.size
+            self._tok[at:at + n] = c
+            self._pos[at:at + n] = np.arange(n, dtype=np.int32)
+            seq[at:at + n] = s
+            self._out[at:at + first] = 0
+            self._out[at + first:at + n] = 1
+            at += n
+        self.set_seq_ids(seq)
+        self.clear()
+        self.decode_prepared(total, where=f"a batch of {len(group)} chunks")
+        rows = self.output_rows(total - first * len(group))
+        outs, r = [], 0
+        for c in group:
+            k = c.size - first
+            outs.append(np.array(rows[r:r + k], dtype=np.float32, copy=True))
+            r += k
+        return outs

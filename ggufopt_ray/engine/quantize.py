@@ -384,6 +384,13 @@ def _load_imatrix_arg(imatrix):
     return Imatrix.load(imatrix), str(imatrix)
 
 
+def needs_imatrix(file_type_name: str) -> bool:
+    """Whether llama.cpp refuses this file type without an importance matrix (IQ1/IQ2-class,
+    IQ3_XXS, Q2_K_S): known from the name, so a sweep can say so before any work starts."""
+    name = file_type_name.upper()
+    return name in _IMATRIX_TYPES or name == "Q2_K_S"
+
+
 def _requires_imatrix(plan: _Plan, file_type_name: str) -> list[str]:
     need = []
     for name, t in plan.tensor_types.items():

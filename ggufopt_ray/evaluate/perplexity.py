@@ -40,19 +40,24 @@ def scoring_start(n_tokens: int, first: int | None = None) -> int:
 
 def token_nll(logits: np.ndarray, tokens: Sequence[int], first: int | None = None,
               block_values: int = 1 << 24) -> np.ndarray:
-    """Negative log-likelihood (nats, float64) of ``tokens[j+1]`` under the row ``logits[j]``,
-    for ``j = first .. len(tokens)-2``; rows are processed in blocks of about ``block_values``."""
+    """Negative log-likelihood (nats, float64) of ``tokens[j+1]`` under the logit row of
+    position ``j``, for ``j = first .. len(tokens)-2``; rows are processed in blocks of about
+    ``block_values``.
+
+    ``logits`` holds either every position (``len(tokens)`` rows) or only positions ``first ..
+    len(tokens)-1`` (what ``engine.logits(tokens, first=first)`` returns)."""
     logits = np.asarray(logits)
     tokens = np.asarray(tokens, dtype=np.int64)
     n = tokens.size
-    if logits.ndim != 2 or logits.shape[0] != n:
-        raise ValueError(f"logits shape {logits.shape} does not match {n} tokens")
     start = scoring_start(n, first)
+    if logits.ndim != 2 or logits.shape[0] not in (n, n - start):
+        raise ValueError(f"logits shape {logits.shape} does not match {n} tokens (scoring from {start})")
+    offset = 0 if logits.shape[0] == n else start  # row of position j is logits[j - offset]
     rows = max(1, block_values // max(1, logits.shape[1]))
     out = np.empty(n - 1 - start, dtype=np.float64)
     for s in range(start, n - 1, rows):
         e = min(s + rows, n - 1)
-        z = logits[s:e].astype(np.float64)
+        z = logits[s - offset:e - offset].astype(np.float64)
         m = z.max(axis=1)
         lse = m + np.log(np.exp(z - m[:, None]).sum(axis=1))
         out[s - start:e - start] = lse - z[np.arange(e - s), tokens[s + 1:e + 1]]
@@ -136,19 +141,29 @@ def ln_ppl_ratio(result: PerplexityResult, reference: PerplexityResult) -> tuple
 # -- running a model --------------------------------------------------------------------------
 def evaluate_perplexity(engine, chunks: Sequence[np.ndarray], first: int | None = None, *,
                         progress: bool = False, model: str | None = None) -> PerplexityResult:
-    """Perplexity of the model loaded in ``engine`` (anything with ``.logits(tokens)``) on ``chunks``.
+    """Perplexity of the model loaded in ``engine`` (a ``LogitsEngine``) on ``chunks``.
 
-    The chunks are used as given: prepare them with ``engine.prepare_chunk`` (BOS first).
+    The chunks are used as given: prepare them with ``engine.prepare_chunk`` (BOS first). Only
+    the scored positions are computed; chunks of one length go ``engine.n_seq`` at a time
+    through ``logits_many`` (several sequences per decode, as llama-perplexity does).
     """
     from tqdm import tqdm
 
     if len(chunks) == 0:
         raise UserError("no evaluation chunks given; give at least one chunk of tokens")
     chunks = [np.ascontiguousarray(c, dtype=np.int32) for c in chunks]
-    for tokens in chunks:
-        scoring_start(tokens.size, first)  # fail before the model runs
-    per_chunk = [token_nll(engine.logits(tokens), tokens, first)
-                 for tokens in tqdm(chunks, desc="perplexity", unit="chunk", disable=not progress)]
+    starts = [scoring_start(tokens.size, first) for tokens in chunks]  # fail before the model runs
+    group = max(1, int(getattr(engine, "n_seq", 1)))
+    per_chunk: list[np.ndarray] = []
+    with tqdm(total=len(chunks), desc="perplexity", unit="chunk", disable=not progress) as bar:
+        for i in range(0, len(chunks), group):
+            part, part_starts = chunks[i:i + group], starts[i:i + group]
+            if len(part) > 1 and len(set(part_starts)) == 1:
+                rows = engine.logits_many(part, first=part_starts[0])
+            else:
+                rows = [engine.logits(c, first=s) for c, s in zip(part, part_starts)]
+            per_chunk.extend(token_nll(r, c, s) for r, c, s in zip(rows, part, part_starts))
+            bar.update(len(part))
     if model is None:
         model = getattr(engine, "model_path", None)
     return perplexity_from_nll(per_chunk, first=first, model=model)

@@ -4,6 +4,9 @@ Works for any architecture the ``gguf`` package can read, because everything com
 generic metadata keys (``general.*``, ``{arch}.context_length``, ``tokenizer.ggml.*``) and the
 tensor table, never from llama-specific assumptions. The vocabulary fingerprint is what lets
 later stages refuse to compare a candidate with a baseline that tokenizes differently.
+
+Files are read with ``gguf.header`` (milliseconds), not gguf-py's ``GGUFReader``, which takes
+tens of seconds on a 128k-token vocabulary; ``open_gguf_reader`` still gives the latter.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ggufopt_ray.errors import UserError
+from ggufopt_ray.gguf.header import GGUFHeader, ValueType, read_header
 
 GGUF_MAGIC = b"GGUF"
 
@@ -84,8 +88,19 @@ def _field_value(reader, key: str, default=None):
     return f.contents()
 
 
-def open_reader(path: str | Path):
-    """A ``gguf.GGUFReader`` for ``path``; damaged or truncated files become a UserError."""
+def open_reader(path: str | Path) -> GGUFHeader:
+    """The parsed header of ``path`` (``ggufopt_ray.gguf.header``); damage becomes a UserError.
+
+    It answers what callers used of gguf-py's ``GGUFReader`` (``fields[key].contents()``,
+    ``tensors[i].name/.shape/.tensor_type/.n_elements/.n_bytes/.data_offset/.data``) in a
+    fraction of the time: gguf-py builds a Python object per vocabulary entry on open.
+    """
+    return read_header(check_gguf_file(path))
+
+
+def open_gguf_reader(path: str | Path):
+    """gguf-py's own ``GGUFReader`` for the rare caller that needs exactly it (slow: tens of
+    seconds for a 128k vocabulary); damaged or truncated files become a UserError."""
     import gguf
 
     path = check_gguf_file(path)
@@ -106,15 +121,32 @@ def vocab_fingerprint_from_tokens(tokens: list[str], model: str = "") -> str:
     return h.hexdigest()[:16]
 
 
+def vocab_fingerprint_of(reader: GGUFHeader) -> str:
+    """``vocab_fingerprint_from_tokens`` of the file's tokens, hashed from their raw bytes.
+
+    Identical to hashing the decoded strings (valid UTF-8 encodes back to the same bytes) but
+    without making 100k+ Python strings.
+    """
+    tok_model = _field_value(reader, "tokenizer.ggml.model", "") or ""
+    h = hashlib.sha256()
+    h.update(str(tok_model).encode())
+    f = reader.fields.get("tokenizer.ggml.tokens")
+    if f is not None and f.count:
+        if f.types == [ValueType.ARRAY, ValueType.STRING]:
+            h.update(f.joined_bytes(b"\x00"))
+        else:  # not a string array (a damaged or odd file): hash what the value reads as
+            return vocab_fingerprint_from_tokens([str(t) for t in f.contents()], str(tok_model))
+    return h.hexdigest()[:16]
+
+
 def inspect_model(path: str | Path) -> ModelInfo:
     import gguf
 
     path = Path(path)
     reader = open_reader(path)
     arch = _field_value(reader, "general.architecture", "unknown")
-    tokens = _field_value(reader, "tokenizer.ggml.tokens", []) or []
-    tok_model = _field_value(reader, "tokenizer.ggml.model", "") or ""
-    vocab_size = _field_value(reader, f"{arch}.vocab_size") or len(tokens)
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab_size = _field_value(reader, f"{arch}.vocab_size") or (tokens.count if tokens is not None else 0)
     ftype_value = _field_value(reader, "general.file_type")
     try:
         file_type = gguf.LlamaFileType(int(ftype_value)).name if ftype_value is not None else "unknown"
@@ -143,7 +175,7 @@ def inspect_model(path: str | Path) -> ModelInfo:
         vocab_size=int(vocab_size),
         context_length=_field_value(reader, f"{arch}.context_length"),
         n_params=n_params, file_size=file_size, tensor_bytes=tensor_bytes,
-        file_type=file_type, vocab_fingerprint=vocab_fingerprint_from_tokens(list(tokens), str(tok_model)),
+        file_type=file_type, vocab_fingerprint=vocab_fingerprint_of(reader),
         add_bos=bool(_field_value(reader, "tokenizer.ggml.add_bos_token", True)),
         by_type=dict(sorted(by_type.items(), key=lambda kv: -kv[1].n_params)),
         tensor_types=tensor_types,
@@ -180,13 +212,12 @@ def model_fingerprint(path: str | Path, samples: int = 16, sample_bytes: int = 1
     spaced slices of the file. Two different quantizations differ in the tensor table; two
     files with the same table but other weights differ in the sampled bytes with near certainty.
     """
-    path = check_gguf_file(path)
-    size = path.stat().st_size
-    info = inspect_model(path)
+    reader = open_reader(path)  # checks the file, including tensors running past its end
+    path, size = reader.path, reader.file_size
     h = hashlib.sha256()
     h.update(str(size).encode())
-    for name, ttype in info.tensor_types.items():
-        h.update(f"{name}:{ttype};".encode())
+    for t in reader.tensors:
+        h.update(f"{t.name}:{t.tensor_type.name};".encode())
     with open(path, "rb") as fh:
         for k in range(samples):
             fh.seek(max(0, (size - sample_bytes) * k // max(1, samples - 1)))

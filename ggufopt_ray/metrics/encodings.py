@@ -65,7 +65,8 @@ import math
 
 import numpy as np
 
-from ggufopt_ray.metrics.kld import BLOCK_ELEMENTS, TokenMetrics, _rowsum, kld_per_token
+from ggufopt_ray.metrics.kld import (BLOCK_ELEMENTS, TokenMetrics, _rowsum, array_loader, compare_rows,
+                                     kld_per_token, rows_per_block, run_row_blocks)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -150,13 +151,16 @@ class BaselineEncoding:
         raise NotImplementedError
 
     def kld_against(self, encoded: dict, candidate_logits: np.ndarray,
-                    ref_tokens: np.ndarray | None = None) -> TokenMetrics:
-        """Per-token metrics of candidate logits ``[n, V]`` against encoded baseline rows."""
+                    ref_tokens: np.ndarray | None = None, *, threads: int = 1) -> TokenMetrics:
+        """Per-token metrics of candidate logits ``[n, V]`` against encoded baseline rows.
+
+        The candidate rows are read in row blocks (never converted or copied whole), shared among
+        ``threads`` threads; the results do not depend on the thread count."""
         raise NotImplementedError
 
     def compare(self, encoded: dict, candidate_logits: np.ndarray,
-                ref_tokens: np.ndarray | None = None) -> TokenMetrics:
-        return self.kld_against(encoded, candidate_logits, ref_tokens)
+                ref_tokens: np.ndarray | None = None, *, threads: int = 1) -> TokenMetrics:
+        return self.kld_against(encoded, candidate_logits, ref_tokens, threads=threads)
 
     @staticmethod
     def n_rows(encoded: dict) -> int:
@@ -179,8 +183,8 @@ class ExactEncoding(BaselineEncoding):
     def decode_logprobs(self, encoded, n_vocab=None):
         return np.asarray(encoded["logprobs"], np.float32)
 
-    def kld_against(self, encoded, candidate_logits, ref_tokens=None):
-        return kld_per_token(encoded["logprobs"], candidate_logits, ref_tokens)
+    def kld_against(self, encoded, candidate_logits, ref_tokens=None, *, threads=1):
+        return kld_per_token(encoded["logprobs"], candidate_logits, ref_tokens, threads=threads)
 
 
 class Float16Encoding(BaselineEncoding):
@@ -211,12 +215,14 @@ class Float16Encoding(BaselineEncoding):
     def decode_logprobs(self, encoded, n_vocab=None):
         return np.asarray(encoded["logprobs"], np.float32)
 
-    def kld_against(self, encoded, candidate_logits, ref_tokens=None):
-        m = kld_per_token(encoded["logprobs"], candidate_logits, ref_tokens)
+    def kld_against(self, encoded, candidate_logits, ref_tokens=None, *, threads=1):
+        codes = encoded["logprobs"]
+        if candidate_logits.shape != codes.shape:
+            raise ValueError(f"candidate logits {candidate_logits.shape} do not match the encoded rows {codes.shape}")
+        # the stored argmax picks the shift and decides same_top, saving a pass over the base rows
+        m = compare_rows(array_loader(codes), candidate_logits, ref_tokens,
+                         base_top=np.asarray(encoded["top_id"]), threads=threads)
         m.kld[:] = m.kld.astype(np.float64) + encoded["xent_correction"]
-        n, v = candidate_logits.shape
-        for r0, r1 in _blocks(n, v):
-            m.same_top[r0:r1] = np.asarray(candidate_logits[r0:r1]).argmax(axis=1) == encoded["top_id"][r0:r1]
         if ref_tokens is not None and "ref_logprob" in encoded:
             _with_ref_extras(m, -np.asarray(encoded["ref_logprob"], np.float64))
         return m
@@ -275,33 +281,37 @@ class LlamaCppUint16Encoding(BaselineEncoding):
             out[r0:r1] = self._decode_block(encoded, r0, r1)
         return out
 
-    def kld_against(self, encoded, candidate_logits, ref_tokens=None):
+    def kld_against(self, encoded, candidate_logits, ref_tokens=None, *, threads=1):
         codes = encoded["codes"]
         n, v = codes.shape
         if candidate_logits.shape != (n, v):
             raise ValueError(f"candidate logits {candidate_logits.shape} do not match the encoded rows {(n, v)}")
         ref = _check_ref(ref_tokens, n, v)
         out = {k: np.full(n, np.nan, np.float32) for k in ("kld", "same_top", "delta_p", "nll_base", "nll_cand")}
-        for r0, r1 in _blocks(n, v):
-            rows = np.arange(r1 - r0)
-            lpb = self._decode_block(encoded, r0, r1)
-            b = np.ascontiguousarray(candidate_logits[r0:r1], dtype=np.float32)
-            imax = b.argmax(axis=1)
-            mx = b[rows, imax]
-            sum_exp = np.exp(b - mx[:, None]).sum(axis=1, dtype=np.float64)
-            lse = np.log(sum_exp).astype(np.float32)
-            top = mx + lse  # max_logit += log_sum_exp
-            terms = np.exp(lpb) * ((lpb - b) + top[:, None])
-            out["kld"][r0:r1] = np.where(lpb > np.float32(-LLAMA_CLAMP), terms, 0).sum(axis=1, dtype=np.float64)
-            out["same_top"][r0:r1] = lpb.argmax(axis=1) == imax
-            if ref is not None:
-                tok = ref[r0:r1]
-                nll = (mx + lse) - b[rows, tok]
-                nll_base = -lpb[rows, tok]
-                out["nll_cand"][r0:r1] = nll
-                out["nll_base"][r0:r1] = nll_base
-                out["delta_p"][r0:r1] = np.exp(-nll) - np.exp(-nll_base)
+        run_row_blocks(n, rows_per_block(v), threads,
+                       lambda blocks: [self._kld_block(encoded, candidate_logits, ref, out, r0, r1) for r0, r1 in blocks])
         return TokenMetrics(**out)
+
+    def _kld_block(self, encoded, candidate_logits, ref, out, r0, r1):
+        """Rows r0:r1 of kld_against, written into ``out``."""
+        rows = np.arange(r1 - r0)
+        lpb = self._decode_block(encoded, r0, r1)
+        b = np.ascontiguousarray(candidate_logits[r0:r1], dtype=np.float32)
+        imax = b.argmax(axis=1)
+        mx = b[rows, imax]
+        sum_exp = np.exp(b - mx[:, None]).sum(axis=1, dtype=np.float64)
+        lse = np.log(sum_exp).astype(np.float32)
+        top = mx + lse  # max_logit += log_sum_exp
+        terms = np.exp(lpb) * ((lpb - b) + top[:, None])
+        out["kld"][r0:r1] = np.where(lpb > np.float32(-LLAMA_CLAMP), terms, 0).sum(axis=1, dtype=np.float64)
+        out["same_top"][r0:r1] = lpb.argmax(axis=1) == imax
+        if ref is not None:
+            tok = ref[r0:r1]
+            nll = (mx + lse) - b[rows, tok]
+            nll_base = -lpb[rows, tok]
+            out["nll_cand"][r0:r1] = nll
+            out["nll_base"][r0:r1] = nll_base
+            out["delta_p"][r0:r1] = np.exp(-nll) - np.exp(-nll_base)
 
 
 # ----------------------------------------------------------------------------- top-k + tail
@@ -366,7 +376,7 @@ class TopKEncoding(BaselineEncoding):
         np.put_along_axis(out, np.asarray(ids).astype(np.int64), vals, axis=1)
         return out
 
-    def kld_against(self, encoded, candidate_logits, ref_tokens=None):
+    def kld_against(self, encoded, candidate_logits, ref_tokens=None, *, threads=1):
         ids = np.asarray(encoded["ids"]).astype(np.int64)
         vals = np.asarray(encoded["logprobs"], np.float64)
         tail = np.asarray(encoded["log_tail"], np.float64)
@@ -376,7 +386,8 @@ class TopKEncoding(BaselineEncoding):
         v = candidate_logits.shape[1]
         ref = _check_ref(ref_tokens, n, v)
         out = {key: np.full(n, np.nan, np.float32) for key in ("kld", "same_top", "delta_p", "nll_base", "nll_cand")}
-        for r0, r1 in _blocks(n, v):
+
+        def block(r0, r1):
             rows = np.arange(r1 - r0)
             b = np.ascontiguousarray(candidate_logits[r0:r1], dtype=np.float32)
             lse = _cand_lse(b)
@@ -403,6 +414,8 @@ class TopKEncoding(BaselineEncoding):
                     lpb = np.where(hit.any(axis=1), (vals[r0:r1] * hit).sum(axis=1), rest_share)
                 out["nll_base"][r0:r1] = -lpb
                 out["delta_p"][r0:r1] = np.exp(-nll_c) - np.exp(lpb)
+
+        run_row_blocks(n, rows_per_block(v), threads, lambda blocks: [block(r0, r1) for r0, r1 in blocks])
         return TokenMetrics(**out)
 
 
@@ -423,17 +436,55 @@ COMPACT_LEVELS = (0.2, 0.6, 1.1, 1.7, 2.5, 3.6, 5.5)
 _N_LEVELS = len(COMPACT_LEVELS)
 _REFINED = 7  # 3-bit code of a token ranked <= K
 _HEADER = ("row_max", "mid_floor", "anchor", "tilt_a", "tilt_b", "xent_correction")
+# A token's level is the number of these midpoints its distance below the anchor exceeds.
+_LEVEL_MIDS = tuple(0.5 * (lo + hi) for lo, hi in zip(COMPACT_LEVELS, COMPACT_LEVELS[1:]))
 
 
 def _pack3(codes: np.ndarray) -> np.ndarray:
+    """[r, V] codes 0..7 -> [r, ceil(3V/8)] bytes: each code's 3 bits, most significant first,
+    back to back (np.packbits' layout), built 8 codes = 24 bits = 3 bytes at a time."""
     r, v = codes.shape
-    bits = ((codes[:, :, None] >> np.array([2, 1, 0], np.uint8)) & 1).astype(np.uint8).reshape(r, 3 * v)
-    return np.packbits(bits, axis=1)
+    v8 = -(-v // 8) * 8
+    if v8 != v:
+        codes = np.concatenate([codes, np.zeros((r, v8 - v), np.uint8)], axis=1)
+    c = np.asarray(codes, np.uint8).reshape(r, v8 // 8, 8)
+    word = c[:, :, 0].astype(np.uint32) << np.uint32(21)
+    for i in range(1, 8):
+        word |= c[:, :, i].astype(np.uint32) << np.uint32(21 - 3 * i)
+    out = np.empty((r, v8 // 8, 3), np.uint8)
+    np.right_shift(word, np.uint32(16), out=out[:, :, 0], casting="unsafe")
+    np.right_shift(word, np.uint32(8), out=out[:, :, 1], casting="unsafe")
+    np.copyto(out[:, :, 2], word, casting="unsafe")
+    return out.reshape(r, 3 * v8 // 8)[:, : (3 * v + 7) // 8]
+
+
+def _words24(packed: np.ndarray, v: int) -> np.ndarray:
+    """[r, ceil(V/8)] uint32: the 24 bits of each group of 8 codes."""
+    r = packed.shape[0]
+    v8 = -(-v // 8) * 8
+    p = np.asarray(packed)
+    if p.shape[1] != 3 * v8 // 8:
+        p = np.concatenate([p, np.zeros((r, 3 * v8 // 8 - p.shape[1]), np.uint8)], axis=1)
+    b = p.reshape(r, v8 // 8, 3)
+    word = b[:, :, 0].astype(np.uint32) << np.uint32(16)
+    word |= b[:, :, 1].astype(np.uint32) << np.uint32(8)
+    word |= b[:, :, 2]
+    return word
 
 
 def _unpack3(packed: np.ndarray, v: int) -> np.ndarray:
-    bits = np.unpackbits(np.asarray(packed), axis=1, count=3 * v).reshape(packed.shape[0], v, 3)
-    return (bits[:, :, 0] << 2) | (bits[:, :, 1] << 1) | bits[:, :, 2]
+    word = _words24(packed, v)
+    r, g = word.shape
+    out = np.empty((r, g, 8), np.uint8)
+    for i in range(8):
+        np.bitwise_and(word >> np.uint32(21 - 3 * i), np.uint32(7), out=out[:, :, i], casting="unsafe")
+    return out.reshape(r, 8 * g)[:, :v]
+
+
+# Decoding looks up 4 codes (12 bits) at a time: row q of this table holds the level offsets of
+# the 4 codes packed in q (NaN for code 7, whose value comes from the 8-bit tier).
+_OFFSETS8 = np.array(COMPACT_LEVELS + (np.nan,), np.float64)
+_QUAD_OFFSETS = _OFFSETS8[(np.arange(4096)[:, None] >> np.array([9, 6, 3, 0])) & 7]
 
 
 class CompactEncoding(BaselineEncoding):
@@ -467,7 +518,7 @@ class CompactEncoding(BaselineEncoding):
         ids = np.dtype(_id_dtype(n_vocab)).itemsize
         return (3 * n_vocab + 7) // 8 + k + t * (ids + 2) + 4 * len(_HEADER) + (4 if with_ref else 0)
 
-    def encode(self, logprobs, ref_tokens=None):
+    def encode(self, logprobs, ref_tokens=None, *, threads: int = 1):
         x = _check_logprobs(logprobs)
         n, v = x.shape
         t_top, k = self.layout(v)
@@ -480,75 +531,129 @@ class CompactEncoding(BaselineEncoding):
             out[name] = np.empty(n, np.float32)
         if ref is not None:
             out["ref_logprob"] = np.empty(n, np.float32)
-        offs = np.asarray(COMPACT_LEVELS, np.float64)
-        mids = 0.5 * (offs[1:] + offs[:-1])
-        for r0, r1 in _blocks(n, v):
-            rr = r1 - r0
-            rows = np.arange(rr)
-            lp = _normalized64(x[r0:r1])
-            mx = lp.max(axis=1)
-            rel = lp - mx[:, None]
-            part = np.argpartition(-rel, k, axis=1)  # first k: the k largest; position k: rank k+1
-            refined = np.zeros((rr, v), bool)
-            np.put_along_axis(refined, part[:, :k], True, axis=1)
-            floor = np.take_along_axis(rel, part[:, :k], axis=1).min(axis=1)  # rank-K value (<= 0)
-            anchor = rel[rows, part[:, k]]  # rank K+1 value
-            top = part[:, :k]
-            top_rel = np.take_along_axis(rel, top, axis=1)
-            sel = np.argsort(-top_rel, axis=1, kind="stable")[:, :t_top]
-            top_ids = np.take_along_axis(top, sel, axis=1)
-            top_vals = np.take_along_axis(top_rel, sel, axis=1)
-            span = np.where(floor < 0, -floor, 1.0)
-            out["top_ids"][r0:r1] = top_ids
-            out["top_codes"][r0:r1] = np.rint((top_vals - floor[:, None]) / span[:, None] * 65535)
-            mid_vals = rel[refined].reshape(rr, k)  # vocabulary order
-            out["mid"][r0:r1] = np.rint((mid_vals - floor[:, None]) / span[:, None] * 255)
-            level = np.searchsorted(mids, anchor[:, None] - rel).astype(np.uint8)
-            codes = np.where(refined, np.uint8(_REFINED), level)
-            out["codes"][r0:r1] = _pack3(codes)
-            out["row_max"][r0:r1] = mx
-            out["mid_floor"][r0:r1] = floor
-            out["anchor"][r0:r1] = anchor
+
+        def work(blocks):
+            for r0, r1 in blocks:
+                self._encode_block(x, ref, out, r0, r1, t_top, k)
+
+        run_row_blocks(n, rows_per_block(v), threads, work)
+        return out
+
+    def _encode_block(self, x, ref, out, r0, r1, t_top, k) -> None:
+        """Rows r0:r1 of encode: rank, tier, fit the tilt, then measure the decoded rows."""
+        v = x.shape[1]
+        xb = np.ascontiguousarray(x[r0:r1], dtype=np.float32)
+        rr = r1 - r0
+        codes = np.empty((rr, v), np.uint8)
+        below = np.empty(v, bool)
+        refined_all = []
+        for i in range(rr):
+            row = xb[i]
+            rel = row - row.max()  # <= 0, exact near the top (float32 is plenty for 8-bit codes)
+            # The two values around rank K: one partition (no full sort); positions v-k.. hold
+            # the k largest, position v-k-1 the rank K+1 value.
+            part = np.partition(rel, (v - k - 1, v - k))
+            anchor, floor = part[v - k - 1], part[v - k]
+            e = np.exp(part)  # the sums below do not depend on the order
+            lse = math.log(float(_rowsum(e[None, :])[0]))
+            mx = -lse  # the row's largest normalized log-prob
+            # Tokens ranked <= K, in vocabulary order (ties at the anchor: the first ones).
+            ridx = np.flatnonzero(rel > anchor)
+            if ridx.size < k:
+                extra = np.flatnonzero(rel == anchor)[: k - ridx.size]
+                ridx = np.sort(np.concatenate([ridx, extra]))
+            mid_vals = rel[ridx].astype(np.float64)
+            span = -float(floor) if floor < 0 else 1.0
+            # Top T of them, by value (ties: vocabulary order).
+            cut = np.partition(mid_vals, k - t_top)[k - t_top]
+            cand = np.flatnonzero(mid_vals >= cut)
+            pos = cand[np.lexsort((cand, -mid_vals[cand]))[:t_top]]
+            out["top_ids"][r0 + i] = ridx[pos]
+            top_codes = np.rint((mid_vals[pos] - floor) / span * 65535)
+            out["top_codes"][r0 + i] = top_codes
+            mid_codes = np.rint((mid_vals - floor) / span * 255)
+            out["mid"][r0 + i] = mid_codes
+            # Coarse levels: count how many level midpoints each token's distance exceeds.
+            level = codes[i]
+            level[:] = 0
+            thresholds = [np.float32(anchor - m) for m in _LEVEL_MIDS]
+            counts = []
+            for thr in thresholds:
+                np.less(rel, thr, out=below)
+                np.add(level, below.view(np.uint8), out=level)
+                counts.append(int(np.count_nonzero(below)))
+            level[ridx] = _REFINED
+            refined_all.append(ridx)
+            # Per-level count, sum of log p, and coarse mass and mean log p: partition the
+            # coarse values (positions 0..v-k-1 of ``part``) at the level boundaries.
+            coarse = part[: v - k]
+            bounds = sorted(set(c for c in counts if 0 < c < v - k))
+            if bounds:
+                coarse = np.partition(coarse, bounds)
+            starts = np.array([0] + counts[::-1] + [v - k])  # level 6 first: the lowest values
+            cnt = np.diff(starts).astype(np.float64)[::-1]
+            seg = np.clip(starts[:-1], 0, v - k - 1)
+            sum_rel = np.add.reduceat(coarse, seg, dtype=np.float64)
+            sum_rel = np.where(np.diff(starts) > 0, sum_rel, 0.0)[::-1]
+            ec = e[: v - k]  # exp of the coarse values, in the order of the first partition
+            coarse_mass = float(_rowsum(ec[None, :])[0])
+            coarse_plp = float(_rowsum((ec * part[: v - k])[None, :])[0])
+            out["row_max"][r0 + i] = mx
+            out["mid_floor"][r0 + i] = floor
+            out["anchor"][r0 + i] = anchor
             # Mass the refined tokens will have once decoded; the coarse part gets the rest.
-            dec_ref = self._decode_refined(out, r0, r1, codes)
-            ref_mass = np.where(refined, np.exp(dec_ref), 0.0).sum(axis=1)
-            a, b = _fit_tilt(lp, level, ~refined, anchor[:, None] - offs[None, :], mx,
-                             np.clip(1.0 - ref_mass, 1e-300, None))
-            out["tilt_a"][r0:r1] = a
-            out["tilt_b"][r0:r1] = b
-            decoded = self._decode_block(out, r0, r1, codes)
-            out["xent_correction"][r0:r1] = _xent_correction(decoded, lp)
+            dec_ref = (np.float64(np.float32(floor)) + mid_codes * (span / 255)) + np.float64(np.float32(mx))
+            dec_ref[pos] = (np.float64(np.float32(floor)) + top_codes * (span / 65535)) + np.float64(np.float32(mx))
+            ref_mass = np.exp(dec_ref.astype(np.float32).astype(np.float64)).sum()
+            a, b = _fit_tilt_stats(cnt[None, :], (sum_rel - cnt * lse)[None, :],
+                                   np.array([coarse_plp / max(coarse_mass, 1e-300) - lse]),
+                                   (np.float64(np.float32(anchor)) - np.asarray(COMPACT_LEVELS))[None, :],
+                                   np.array([mx]), np.array([max(1.0 - ref_mass, 1e-300)]))
+            out["tilt_a"][r0 + i] = a[0]
+            out["tilt_b"][r0 + i] = b[0]
             if ref is not None:
-                out["ref_logprob"][r0:r1] = lp[rows, ref[r0:r1]]
-        return out
+                out["ref_logprob"][r0 + i] = float(row[ref[r0 + i]] - row.max()) - lse
+        out["codes"][r0:r1] = _pack3(codes)
+        # The cross-entropy correction, -KL(p~ || p), by the same kernel that compares candidates
+        # (so that the base compared with itself gives 0 up to float32 rounding of the result).
+        dec = np.empty((rr, v), np.float32)
+        self._decode_into(out, r0, r1, v, dec)
+        m = compare_rows(lambda q0, q1, _buf: dec[q0:q1], xb, None,
+                         base_top=np.asarray(out["top_ids"][r0:r1, 0]))
+        out["xent_correction"][r0:r1] = -m.kld
 
     @staticmethod
-    def _decode_refined(enc, r0, r1, codes) -> np.ndarray:
-        """Absolute float64 log-probs of the tokens ranked <= K (NaN elsewhere)."""
-        rr, v = codes.shape
-        mx = np.asarray(enc["row_max"][r0:r1], np.float64)
-        floor = np.asarray(enc["mid_floor"][r0:r1], np.float64)
-        span = np.where(floor < 0, -floor, 1.0)
-        out = np.full((rr, v), np.nan)
-        mid = np.asarray(enc["mid"][r0:r1], np.float64)
-        out[codes == _REFINED] = (floor[:, None] + mid * (span[:, None] / 255) + mx[:, None]).ravel()
-        top = np.asarray(enc["top_codes"][r0:r1], np.float64)
-        vals = floor[:, None] + top * (span[:, None] / 65535) + mx[:, None]
-        np.put_along_axis(out, np.asarray(enc["top_ids"][r0:r1]).astype(np.int64), vals, axis=1)
-        return out
+    def _decode_into(enc, r0, r1, v, dec) -> np.ndarray:
+        """float32 log-probs of rows r0:r1 into ``dec`` (not normalized: the KLD renormalizes).
 
-    @staticmethod
-    def _decode_block(enc, r0, r1, codes) -> np.ndarray:
-        """float32 log-probs of rows r0:r1 (not normalized: the KLD renormalizes in float64)."""
-        out = CompactEncoding._decode_refined(enc, r0, r1, codes)
-        mx = np.asarray(enc["row_max"][r0:r1], np.float64)
-        anchor = np.asarray(enc["anchor"][r0:r1], np.float64)
-        a = np.asarray(enc["tilt_a"][r0:r1], np.float64)
-        b = np.asarray(enc["tilt_b"][r0:r1], np.float64)
-        levels = anchor[:, None] - np.asarray(COMPACT_LEVELS)[None, :]
-        table = np.concatenate([mx[:, None] + a[:, None] + b[:, None] * levels, np.zeros((len(mx), 1))], axis=1)
-        coarse = np.take_along_axis(table, codes.astype(np.int64), axis=1)
-        return np.where(codes == _REFINED, out, coarse).astype(np.float32)
+        Per row, 4 codes at a time index a table of (anchor-relative, tilted) level values; the
+        tokens ranked <= K (code 7, NaN in the table) then get their 8-bit values in vocabulary
+        order, and the top T their 16-bit values."""
+        word = _words24(enc["codes"][r0:r1], v)
+        quads = np.empty((r1 - r0, word.shape[1], 2), np.uint32)
+        np.right_shift(word, np.uint32(12), out=quads[:, :, 0])
+        np.bitwise_and(word, np.uint32(0xFFF), out=quads[:, :, 1])
+        v8 = word.shape[1] * 8
+        for i in range(r1 - r0):
+            q = r0 + i
+            mx = float(enc["row_max"][q])
+            floor = float(enc["mid_floor"][q])
+            anchor = float(enc["anchor"][q])
+            a, b = float(enc["tilt_a"][q]), float(enc["tilt_b"][q])
+            span = -floor if floor < 0 else 1.0
+            # coarse value: mx + a + b * (anchor - offset)
+            table = ((mx + a + b * anchor) - b * _QUAD_OFFSETS).astype(np.float32)
+            row = dec[i]
+            if v8 == v:
+                np.take(table, quads[i].reshape(-1), axis=0, out=row.reshape(-1, 4))
+            else:
+                row[:] = np.take(table, quads[i].reshape(-1), axis=0).reshape(v8)[:v]
+            ridx = np.flatnonzero(np.isnan(row))
+            mid = np.asarray(enc["mid"][q], np.float64)
+            row[ridx] = floor + mid * (span / 255) + mx
+            top = np.asarray(enc["top_codes"][q], np.float64)
+            row[np.asarray(enc["top_ids"][q]).astype(np.int64)] = floor + top * (span / 65535) + mx
+        return dec
 
     def decode_logprobs(self, encoded, n_vocab=None):
         if n_vocab is None:
@@ -557,43 +662,33 @@ class CompactEncoding(BaselineEncoding):
         n = self.n_rows(encoded)
         out = np.empty((n, v), np.float32)
         for r0, r1 in _blocks(n, v):
-            out[r0:r1] = self._decode_block(encoded, r0, r1, _unpack3(encoded["codes"][r0:r1], v))
+            self._decode_into(encoded, r0, r1, v, out[r0:r1])
         return out
 
-    def kld_against(self, encoded, candidate_logits, ref_tokens=None):
+    def kld_against(self, encoded, candidate_logits, ref_tokens=None, *, threads=1):
         n = self.n_rows(encoded)
         if candidate_logits.ndim != 2 or candidate_logits.shape[0] != n:
             raise ValueError(f"candidate logits {candidate_logits.shape} do not match {n} encoded rows")
         v = candidate_logits.shape[1]
         if encoded["codes"].shape[1] != (3 * v + 7) // 8:
             raise ValueError(f"the encoded rows were made for another vocabulary size than {v}")
-        ref = _check_ref(ref_tokens, n, v)
-        parts = []
-        for r0, r1 in _blocks(n, v):
-            dec = self._decode_block(encoded, r0, r1, _unpack3(encoded["codes"][r0:r1], v))
-            m = kld_per_token(dec, candidate_logits[r0:r1], None if ref is None else ref[r0:r1])
-            m.kld[:] = m.kld.astype(np.float64) + encoded["xent_correction"][r0:r1]
-            b = candidate_logits[r0:r1]
-            m.same_top[:] = np.asarray(b).argmax(axis=1) == np.asarray(encoded["top_ids"][r0:r1, 0])
-            if ref is not None and "ref_logprob" in encoded:
-                _with_ref_extras(m, -np.asarray(encoded["ref_logprob"][r0:r1], np.float64))
-            parts.append(m)
-        return TokenMetrics.concat(parts)
+        m = compare_rows(lambda r0, r1, buf: self._decode_into(encoded, r0, r1, v, buf),
+                         candidate_logits, ref_tokens, base_top=np.asarray(encoded["top_ids"][:, 0]),
+                         threads=threads)
+        m.kld[:] = m.kld.astype(np.float64) + encoded["xent_correction"]
+        if ref_tokens is not None and "ref_logprob" in encoded:
+            _with_ref_extras(m, -np.asarray(encoded["ref_logprob"], np.float64))
+        return m
 
 
-def _fit_tilt(lp, level, coarse, level_rel, mx, mass, iters: int = 40):
+def _fit_tilt_stats(cnt, sum_lp, target, level_rel, mx, mass, iters: int = 40):
     """Per row (a, b): coarse log p~ = mx + a + b * level_rel[level], with the coarse tokens' exact
-    mass (``mass``) and exact mean log-prob (under p, over the coarse tokens).
+    mass (``mass``) and exact mean log-prob (``target``, under p, over the coarse tokens).
 
-    The mean of log p under weights ``cnt_j * exp(b * level_rel_j)`` increases with b, so b is
-    found by bisection on [0.05, 20]; only per-level counts and sums of log p enter. Rows with
-    fewer than two occupied levels keep b = 1.
+    ``cnt``/``sum_lp``: per row and level, the number of coarse tokens and the sum of their
+    log-probs. The mean of log p under weights ``cnt_j * exp(b * level_rel_j)`` increases with b,
+    so b is found by bisection on [0.05, 20]. Rows with fewer than two occupied levels keep b = 1.
     """
-    cnt = np.stack([(coarse & (level == j)).sum(axis=1) for j in range(_N_LEVELS)], axis=1).astype(np.float64)
-    sum_lp = np.stack([np.where(coarse & (level == j), lp, 0.0).sum(axis=1) for j in range(_N_LEVELS)], axis=1)
-    p = np.where(coarse, np.exp(lp), 0.0)
-    true_mass = p.sum(axis=1)
-    target = (p * lp).sum(axis=1) / np.where(true_mass > 0, true_mass, 1.0)
     mean_per_level = sum_lp / np.where(cnt > 0, cnt, 1.0)
     occupied = cnt > 0
 
@@ -607,9 +702,10 @@ def _fit_tilt(lp, level, coarse, level_rel, mx, mass, iters: int = 40):
         w = cnt * np.exp(z - zmax[:, None])
         return (w * mean_per_level).sum(axis=1) / np.where(w.sum(axis=1) > 0, w.sum(axis=1), 1.0)
 
+    n = cnt.shape[0]
     fit = occupied.sum(axis=1) >= 2
-    lo, hi = np.full(len(lp), 0.05), np.full(len(lp), 20.0)
-    b = np.ones(len(lp))
+    lo, hi = np.full(n, 0.05), np.full(n, 20.0)
+    b = np.ones(n)
     for _ in range(iters):
         b = np.where(fit, 0.5 * (lo + hi), 1.0)
         up = tilted_mean(b) < target

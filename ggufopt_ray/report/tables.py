@@ -188,9 +188,24 @@ def format_results_table(rows: list[dict], bub: bool = False) -> str:
         lines.append(
             f"| {r.get('label')}{f' ({n} trials)' if n > 1 else ''} | {_fmt(r.get('bits_per_weight'), '.3f')} | "
             f"{_fmt(size / 2**20 if _finite(size) else None, '.2f')} | "
-            f"{fmt_pm(r.get('kld_mean'), r.get('kld_mean_se'))} | "
+            f"{_mean_cell(r)} | "
             f"{fmt_num(r.get('kld_median'), 3, trim=False)} | {fmt_num(r.get('kld_p99'), 3, trim=False)} | "
             f"{fmt_interval(r.get('composite'), r.get('composite_lo'), r.get('composite_hi'))} | "
             f"{same_top} | {fmt_pm(r.get('ln_ppl_ratio'), r.get('ln_ppl_ratio_se'))} | "
             f"{r.get('chunks')} | {r.get('stop_reason')} |")
+    if any(_borrowed(r) for r in kept.values()):
+        lines.append("")
+        lines.append("* mean of all chunks estimated from the chunks evaluated, with the candidate evaluated "
+                     "deepest as a control variate (regression estimator); its SE is that estimator's")
     return "\n".join(lines)
+
+
+def _borrowed(r: dict) -> bool:
+    """Whether the row's mean borrows strength from another candidate (it stopped before it)."""
+    return bool(r.get("kld_mean_adj_control")) and _finite(r.get("kld_mean_adj"))
+
+
+def _mean_cell(r: dict) -> str:
+    if _borrowed(r):
+        return fmt_pm(r.get("kld_mean_adj"), r.get("kld_mean_adj_se")) + "*"
+    return fmt_pm(r.get("kld_mean"), r.get("kld_mean_se"))

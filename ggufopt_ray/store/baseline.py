@@ -2,7 +2,8 @@
 
 A store belongs to exactly one (model, evaluation chunks, n_ctx, encoding, scored positions)
 identity, recorded in its header with the runtime settings and llama.cpp version that produced
-it. Opening it with a different identity is refused rather than mixing chunks. Chunks commit
+it, and with the base model's tensor signature (``tensor_signature``), so that candidates made
+from another model are refused. Opening it with a different identity is refused rather than mixing chunks. Chunks commit
 atomically (see ``chunkdir``), so a killed writer loses at most the chunk in flight.
 """
 
@@ -28,9 +29,51 @@ def baseline_identity(header: dict) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def tensor_signature(model_path: str | Path) -> str:
+    """Hash of a model's architecture and tensor table (names and logical shapes, not types).
+
+    Every candidate made from a base model (any quant type, mix, imatrix or ZFP setting) keeps
+    its architecture, tensor names and shapes; another model that merely shares the tokenizer
+    (another size, another architecture) does not. ``bench`` compares a candidate's signature
+    with the one its baseline recorded, so a baseline is never judged against a foreign model.
+    """
+    from ggufopt_ray.gguf.inspect import open_reader
+
+    reader = open_reader(model_path)
+    arch = reader.fields.get("general.architecture")
+    h = hashlib.sha256(str(arch.contents() if arch is not None else "").encode())
+    for name, shape in sorted((t.name, tuple(int(d) for d in t.shape)) for t in reader.tensors):
+        h.update(f";{name}:{'x'.join(map(str, shape))}".encode())
+    return h.hexdigest()[:16]
+
+
+def recorded_tensor_signature(header: dict) -> str | None:
+    """The base model's tensor signature of a baseline store (None when it cannot be known).
+
+    Stores written before the signature was recorded get it from the model file they name, but
+    only while that file still has the recorded fingerprint.
+    """
+    if header.get("tensor_signature"):
+        return str(header["tensor_signature"])
+    path = header.get("model_path")
+    if not path or not Path(path).is_file():
+        return None
+    from ggufopt_ray.gguf.inspect import model_fingerprint
+
+    try:
+        if model_fingerprint(path) != header.get("model_fingerprint"):
+            return None
+        return tensor_signature(path)
+    except UserError:
+        return None
+
+
 class BaselineStore(ChunkStore):
     KIND = "baseline"
     IDENTITY_KEYS = IDENTITY_KEYS
+    REPAIR_HINT = ("rerun `ggufopt logits` (or the sweep) with the same settings: it recomputes "
+                   "damaged chunks")
+    REMAKE = "`ggufopt logits ... --overwrite`"
 
     @classmethod
     def prepare_header(cls, header: dict) -> dict:
@@ -49,6 +92,11 @@ class BaselineStore(ChunkStore):
 
     def complete(self) -> bool:
         return self.dir.first_missing(0, self.n_chunks) is None
+
+    def n_leading(self) -> int:
+        """How many chunks from 0 on are committed without a gap (what ``bench`` can evaluate)."""
+        first_gap = self.dir.first_missing(0, self.n_chunks)
+        return self.n_chunks if first_gap is None else first_gap
 
     def write_payload(self, index: int, tokens: np.ndarray, payload: dict) -> None:
         if not 0 <= index < self.n_chunks:

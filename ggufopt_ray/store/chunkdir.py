@@ -6,10 +6,20 @@ Its header (what produced the data: fingerprints, settings, encoding) is written
 chunk is its own small HDF5 file, written under a temporary name, flushed to disk and renamed
 into place. A rename is atomic, so at any moment each chunk is either fully committed or absent;
 a ``kill -9`` can only lose the chunk being written, and a rerun resumes at the first missing one.
+
+A rename protects against crashes, not against damage after the fact (a bad disk, a copy cut
+short, a stray edit). So every chunk also records a SHA-256 checksum of each of its arrays, and
+every read verifies the arrays it returns: a damaged chunk is reported with its path instead of
+yielding wrong numbers, and ``discard_damaged`` removes such chunks so that the next run
+recomputes them. A header that HDF5 cannot read is a one-line error naming the file. Failing
+writes (a full disk, a read-only folder) remove their temporary file and become one-line errors
+naming the path and the fix.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import re
@@ -44,25 +54,85 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+CHECKSUM_ATTR = "checksums"
+HEADER_CHECKSUM_ATTR = "header_checksum"
+
+
+class DamagedFile(UserError):
+    """A store file that exists but cannot be trusted: unreadable, truncated or failing its checksum."""
+
+    def __init__(self, path: Path, problem: str, fix: str):
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{path} is damaged ({problem}); {fix}")
+
+
+def _first_line(exc: BaseException) -> str:
+    """A short reason for an exception: errno text if any, else the first line of its message."""
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return str(text).strip().splitlines()[0][:200]
+
+
+def write_failed(path: Path, exc: OSError) -> UserError:
+    """The one-line error for a write that the environment refused (full disk, read-only, ...)."""
+    reason = _first_line(exc)
+    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or \
+            "space" in reason.lower() or "too large" in reason.lower() or \
+            ("requested" in reason and "written" in reason):  # numpy's short write
+        fix = "free disk space (or raise the file size limit) and rerun; completed work is kept"
+    elif getattr(exc, "errno", None) == errno.ENOENT:
+        fix = "its folder does not exist: create it or choose another output path"
+    else:
+        fix = "make the folder writable or choose another output path"
+    return UserError(f"cannot write {path} ({reason}); {fix}")
+
+
+def array_checksum(arr: np.ndarray) -> str:
+    """SHA-256 of an array's shape, dtype and bytes: what a chunk records and every read checks."""
+    arr = np.ascontiguousarray(arr)
+    h = hashlib.sha256()
+    h.update(f"{arr.dtype.str}{arr.shape}".encode())
+    h.update(memoryview(arr).cast("B") if arr.ndim else arr.tobytes())
+    return h.hexdigest()
+
+
 def _write_h5_atomically(final: Path, arrays: dict[str, np.ndarray], attrs: dict) -> None:
+    """Write one HDF5 file under a temporary name, fsync it, then rename it to ``final``.
+
+    The HDF5 image is built in memory and written with plain file I/O: a failing disk then
+    raises one clean ``OSError`` here, instead of HDF5 reporting it later from object
+    destructors (a screen of "Exception ignored" tracebacks after the error message).
+    """
+    import io
+
     import h5py
 
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    arrays = {name: np.asarray(arr) for name, arr in arrays.items()}
+    if arrays:
+        attrs = {**attrs, CHECKSUM_ATTR: {name: array_checksum(a) for name, a in arrays.items()}}
+    image = io.BytesIO()
+    with h5py.File(image, "w", track_order=True) as f:
+        for key, value in attrs.items():
+            # Every attribute as JSON text: None, nested dicts and lists survive unchanged.
+            f.attrs[key] = json.dumps(value, sort_keys=True, default=str)
+        for name, arr in arrays.items():
+            # track_times=False: identical content gives identical bytes (resume == fresh run).
+            f.create_dataset(name, data=arr, track_times=False)
     try:
-        with h5py.File(tmp, "w", track_order=True) as f:
-            for key, value in attrs.items():
-                # Every attribute as JSON text: None, nested dicts and lists survive unchanged.
-                f.attrs[key] = json.dumps(value, sort_keys=True, default=str)
-            for name, arr in arrays.items():
-                # track_times=False: identical content gives identical bytes (resume == fresh run).
-                f.create_dataset(name, data=np.asarray(arr), track_times=False)
-        with open(tmp, "rb+") as fh:
+        with open(tmp, "wb") as fh:
+            fh.write(image.getbuffer())
+            fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, final)
         _fsync_dir(final.parent)
+    except OSError as exc:
+        raise write_failed(final, exc) from None
     finally:
-        if tmp.exists():
+        try:
             tmp.unlink()
+        except OSError:
+            pass
 
 
 def _read_attrs(f) -> dict:
@@ -74,12 +144,36 @@ def _read_attrs(f) -> dict:
     return out
 
 
+def _header_checksum(header: dict) -> str:
+    return hashlib.sha256(json.dumps(header, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _verify(path: Path, arrays: dict[str, np.ndarray], checksums: dict | None) -> str | None:
+    """The first problem with ``arrays`` against the recorded ``checksums`` (None: all good)."""
+    if checksums is None:
+        return None  # written before checksums existed: nothing to compare with
+    for name, arr in arrays.items():
+        want = checksums.get(name)
+        if want is None:
+            return f"array {name!r} has no recorded checksum"
+        if array_checksum(np.asarray(arr)) != want:
+            return f"checksum mismatch in array {name!r}"
+    return None
+
+
 class ChunkDirectory:
     """Header + ``chunk_NNNNNN.h5`` files; ``kind`` guards against opening the wrong store type."""
 
-    def __init__(self, root: str | Path, kind: str):
+    def __init__(self, root: str | Path, kind: str,
+                 repair_hint: str = "rerun the command that made the store: it recomputes missing chunks",
+                 remake: str = "the command that made it, with --overwrite"):
         self.root = Path(root)
         self.kind = kind
+        self.repair_hint = repair_hint  # how a damaged chunk gets recomputed
+        self.remake = remake  # what re-creates the whole store (for a damaged header)
+
+    def _header_fix(self) -> str:
+        return f"delete {self.root} and compute the store again ({self.remake} does both)"
 
     # -- header -------------------------------------------------------------------------------
     @property
@@ -95,8 +189,17 @@ class ChunkDirectory:
         if not self.exists():
             raise UserError(f"{self.root} is not a {self.kind} store (no {HEADER_NAME}); "
                             "check the path or create the store first")
-        with h5py.File(self.header_path, "r") as f:
-            header = _read_attrs(f)
+        try:
+            with h5py.File(self.header_path, "r") as f:
+                header = _read_attrs(f)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            # truncated or garbage: h5py raises OSError; bad attribute text gives ValueError
+            raise DamagedFile(self.header_path, _first_line(exc),
+                              self._header_fix()) from None
+        want = header.pop(HEADER_CHECKSUM_ATTR, None)
+        if want is not None and _header_checksum(header) != want:
+            raise DamagedFile(self.header_path, "checksum mismatch",
+                              self._header_fix())
         if header.get("kind") != self.kind:
             raise UserError(f"{self.root} holds a {header.get('kind')!r} store, not a {self.kind!r} store")
         return header
@@ -108,6 +211,8 @@ class ChunkDirectory:
         (fingerprints, n_ctx, encoding, ...). A mismatch is refused, never mixed.
         """
         header = {"kind": self.kind, "format_version": FORMAT_VERSION, **header}
+        if self.root.exists() and not self.root.is_dir():
+            raise UserError(f"{self.root} is a file, not a {self.kind} store folder; choose another path")
         self.remove_stale_temporaries()
         if self.exists():
             old = self.read_header()
@@ -117,8 +222,11 @@ class ChunkDirectory:
                 raise UserError(f"{self.root} was made with {k}={old.get(k)!r}, not {header.get(k)!r}; "
                                 "its chunks cannot be mixed with these - use another output path or --overwrite")
             return old
-        self.root.mkdir(parents=True, exist_ok=True)
-        _write_h5_atomically(self.header_path, {}, header)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_failed(self.root, exc) from None
+        _write_h5_atomically(self.header_path, {}, {**header, HEADER_CHECKSUM_ATTR: _header_checksum(header)})
         return header
 
     def remove_stale_temporaries(self) -> list[str]:
@@ -142,6 +250,9 @@ class ChunkDirectory:
                 path.unlink()
         if self.header_path.exists():
             self.header_path.unlink()
+
+    def _damaged(self, path: Path, problem: str) -> DamagedFile:
+        return DamagedFile(path, problem, self.repair_hint)
 
     # -- chunks -------------------------------------------------------------------------------
     def chunk_path(self, index: int) -> Path:
@@ -180,11 +291,50 @@ class ChunkDirectory:
         path = self.chunk_path(index)
         if not path.exists():
             raise UserError(f"chunk {index} is not in {self.root}; compute it first")
-        with h5py.File(path, "r") as f:
-            keys = list(names) if names is not None else list(f.keys())
-            arrays = {k: f[k][()] for k in keys}
-            attrs = _read_attrs(f)
+        try:
+            with h5py.File(path, "r") as f:
+                keys = list(names) if names is not None else list(f.keys())
+                missing = [k for k in keys if k not in f]
+                if missing:
+                    raise self._damaged(path, f"array {missing[0]!r} is missing")
+                arrays = {k: f[k][()] for k in keys}
+                attrs = _read_attrs(f)
+        except DamagedFile:
+            raise
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+            raise self._damaged(path, _first_line(exc)) from None
+        problem = _verify(path, arrays, attrs.pop(CHECKSUM_ATTR, None))
+        if problem:
+            raise self._damaged(path, problem)
         return arrays, attrs
+
+    def check_chunk(self, index: int) -> str | None:
+        """What is wrong with committed chunk ``index`` (None when it reads back and verifies).
+
+        Reads every array and checks its checksum, so it costs one full read of the chunk.
+        """
+        try:
+            self.read_chunk(index)
+        except DamagedFile as exc:
+            return exc.problem
+        return None
+
+    def discard_damaged(self, indices: Iterable[int] | None = None) -> list[tuple[Path, str]]:
+        """Delete the committed chunks among ``indices`` (default: all) that fail ``check_chunk``.
+
+        Returns ``(path, problem)`` per deleted chunk, for the caller to report; a later run then
+        sees those chunks as missing and recomputes them.
+        """
+        committed = set(self.committed())
+        wanted = sorted(committed if indices is None else committed.intersection(indices))
+        damaged = []
+        for i in wanted:
+            problem = self.check_chunk(i)
+            if problem is not None:
+                path = self.chunk_path(i)
+                path.unlink(missing_ok=True)
+                damaged.append((path, problem))
+        return damaged
 
     def delete_chunk(self, index: int) -> None:
         path = self.chunk_path(index)
@@ -211,9 +361,11 @@ class ChunkStore:
 
     KIND = ""
     IDENTITY_KEYS: tuple[str, ...] = ()
+    REPAIR_HINT = "rerun the command that made the store: it recomputes missing chunks"
+    REMAKE = "the command that made it, with --overwrite"
 
     def __init__(self, root: str | Path):
-        self.dir = ChunkDirectory(root, kind=self.KIND)
+        self.dir = ChunkDirectory(root, kind=self.KIND, repair_hint=self.REPAIR_HINT, remake=self.REMAKE)
         self.header: dict = {}
 
     @property
@@ -231,13 +383,28 @@ class ChunkStore:
         return header
 
     @classmethod
-    def create_or_open(cls, root: str | Path, header: dict, overwrite: bool = False):
-        """Create with ``header`` or reopen an identical one; a different identity is refused."""
+    def create_or_open(cls, root: str | Path, header: dict, overwrite: bool = False,
+                       replace_damaged: bool = False):
+        """Create with ``header`` or reopen an identical one; a different identity is refused.
+
+        ``replace_damaged``: a store whose header cannot be read is deleted and created afresh
+        instead of refused. Only for stores at content-addressed cache paths (the folder name is
+        the identity, so nothing but the same data can ever belong there).
+        """
         store = cls(root)
         if overwrite:
             store.dir.remove()
+        elif replace_damaged and store.dir.exists():
+            try:
+                store.dir.read_header()
+            except DamagedFile:
+                store.dir.remove()
         store.header = store.dir.create_or_check(cls.prepare_header(header), cls.IDENTITY_KEYS)
         return store
+
+    def discard_damaged(self, indices: Iterable[int] | None = None) -> list[tuple[Path, str]]:
+        """Delete damaged chunks so that they are recomputed; see ``ChunkDirectory.discard_damaged``."""
+        return self.dir.discard_damaged(indices)
 
     def has(self, index: int) -> bool:
         return self.dir.has(index)

@@ -60,8 +60,47 @@ class KldBaseFile:
         offset = _HEADER + self.tokens.nbytes + index * rows * nv * 2
         block = np.fromfile(self.path, dtype="<u2", count=rows * nv, offset=offset).reshape(rows, nv)
         params = np.ascontiguousarray(block[:, :4]).view("<f4")
-        return {"codes": np.ascontiguousarray(block[:, 4:4 + self.n_vocab]).astype(np.uint16),
-                "scale": params[:, 0].astype(np.float32), "min_log_prob": params[:, 1].astype(np.float32)}
+        payload = {"codes": np.ascontiguousarray(block[:, 4:4 + self.n_vocab]).astype(np.uint16),
+                   "scale": params[:, 0].astype(np.float32), "min_log_prob": params[:, 1].astype(np.float32)}
+        problem = payload_problem(payload, self.n_vocab)
+        if problem:
+            raise UserError(f"{self.path}: chunk {index} is not valid log-probabilities ({problem}); "
+                            "the file is damaged: write it again with llama-perplexity --kl-divergence-base")
+        return payload
+
+
+def payload_problem(payload: dict, n_vocab: int) -> str | None:
+    """Why a decoded chunk cannot be llama-perplexity's log-probabilities (None if it can be).
+
+    llama-perplexity writes, per row, ``scale = (max - min) / 65535`` with ``max - min <= 16`` nats
+    and ``min_log_prob = min - max - logsumexp``, in ``[-(16 + log V), 0]``; the decoded
+    ``log p = scale * code + min_log_prob`` sum (as probabilities) to 1, up to the mass that
+    clamping at 16 nats below the top adds (at most ``V e^-16``) and rounding. A valid header over
+    a garbage payload fails these checks instead of turning into inf/nan KL-divergences later.
+    """
+    scale = np.asarray(payload["scale"], np.float64)
+    minlp = np.asarray(payload["min_log_prob"], np.float64)
+    codes = payload["codes"]
+    if not (np.isfinite(scale).all() and np.isfinite(minlp).all()):
+        return "a row's scale or min_log_prob is not finite"
+    clamp, log_v = 16.0, float(np.log(n_vocab))
+    if (scale < 0).any() or (scale > clamp / 65535 * (1 + 1e-4)).any():
+        bad = scale[(scale < 0) | (scale > clamp / 65535 * (1 + 1e-4))][0]
+        return f"a row's scale is {bad:g}, outside [0, 16/65535]"
+    if (minlp > 1e-3).any() or (minlp < -(clamp + log_v) - 1e-3).any():
+        bad = minlp[(minlp > 1e-3) | (minlp < -(clamp + log_v) - 1e-3)][0]
+        return f"a row's min_log_prob is {bad:g}, outside [-(16 + log V), 0]"
+    high = float(np.log1p(n_vocab * np.exp(-clamp))) + 1e-2
+    for r0 in range(0, len(scale), 64):
+        r1 = min(len(scale), r0 + 64)
+        lp = scale[r0:r1, None] * np.asarray(codes[r0:r1], np.float64) + minlp[r0:r1, None]
+        top = lp.max(axis=1)
+        lse = top + np.log(np.exp(lp - top[:, None]).sum(axis=1))
+        off = (lse < -1e-2) | (lse > high)
+        if off.any():
+            return (f"row {r0 + int(np.argmax(off))}'s probabilities sum to "
+                    f"{float(np.exp(lse[off][0])):.4g}, not 1")
+    return None
 
 
 def read_kld_base(path: str | Path) -> KldBaseFile:
@@ -94,6 +133,19 @@ def write_kld_base(path: str | Path, n_ctx: int, n_vocab: int, chunks, payloads)
     path = Path(path)
     rows, nv = scored_per_chunk(n_ctx), row_width(n_vocab)
     tmp = path.with_name(path.name + ".partial")
+    try:
+        _write_file(tmp, n_ctx, n_vocab, chunks, payloads, rows, nv)
+        os.replace(tmp, path)
+    except OSError as exc:
+        from ggufopt_ray.store.chunkdir import write_failed
+
+        raise write_failed(path, exc) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _write_file(tmp: Path, n_ctx: int, n_vocab: int, chunks, payloads, rows: int, nv: int) -> None:
     with open(tmp, "wb") as f:
         f.write(MAGIC)
         f.write(np.array([n_ctx], "<u4").tobytes())
@@ -114,5 +166,3 @@ def write_kld_base(path: str | Path, n_ctx: int, n_vocab: int, chunks, payloads)
             f.write(block.tobytes())
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path

@@ -18,6 +18,9 @@ IDENTITY_KEYS = ("baseline_id", "candidate", "imatrix_hash", "encoding", "first"
 class ResultsStore(ChunkStore):
     KIND = "results"
     IDENTITY_KEYS = IDENTITY_KEYS
+    REPAIR_HINT = ("rerun `ggufopt bench` (or the sweep) with the same settings: it recomputes "
+                   "damaged chunks")
+    REMAKE = "`ggufopt bench ... --overwrite`"
 
     def write(self, index: int, per_token: dict[str, np.ndarray]) -> None:
         self.dir.write_chunk(index, {k: np.asarray(v) for k, v in per_token.items()})

@@ -235,24 +235,11 @@ def _meminfo_available() -> int | None:
 
 
 def _psutil_available() -> int | None:
-    """psutil's figure; psutil itself, or the copy Ray vendors (found without importing ray)."""
+    """psutil's figure, where /proc/meminfo is missing (psutil comes with ray[default])."""
     try:
         import psutil  # noqa: PLC0415
     except ImportError:
-        import importlib.util
-        import sys
-
-        spec = importlib.util.find_spec("ray")
-        if spec is None or not spec.submodule_search_locations:
-            return None
-        vendored = str(Path(list(spec.submodule_search_locations)[0]) / "thirdparty_files")
-        sys.path.insert(0, vendored)
-        try:
-            import psutil  # noqa: PLC0415
-        except ImportError:
-            return None
-        finally:
-            sys.path.remove(vendored)
+        return None
     return int(psutil.virtual_memory().available)
 
 
@@ -509,16 +496,30 @@ def hardware_fingerprint() -> dict:
 
 
 def default_cache_dir() -> Path:
-    env = os.environ.get("GGUFOPT_CACHE_DIR")
-    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ggufopt"
-    return base / "bub"
+    """``bub/`` in the project cache ($GGUFOPT_CACHE_DIR or ~/.cache/ggufopt_ray), where the sweep
+    keeps its bub results too, so ``ggufopt bub`` and ``search=bub`` answer from one cache."""
+    from ggufopt_ray.data.cache import default_cache_dir as corpus_cache
+
+    return corpus_cache().parent / "bub"
+
+
+def cache_fingerprint(setup: "BubSetup", n_gpu_layers: int = 0, flash_attn: bool = False) -> dict:
+    """Everything a timing depends on: model, context, threads, offload, the ladder, the hardware.
+    ``ggufopt bub`` and the sweep's bub search share results through this key."""
+    from ggufopt_ray.gguf.inspect import model_fingerprint
+
+    return {
+        "model": model_fingerprint(setup.model_path), "model_size": setup.dims.file_size,
+        "n_ctx": setup.n_ctx, "n_threads": setup.n_threads, "n_gpu_layers": int(n_gpu_layers),
+        "flash_attn": bool(flash_attn), "ladder": setup.ladder, "hardware": hardware_fingerprint(),
+    }
 
 
 def cache_key(fingerprint: dict) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _load_cached(path: Path, key: str) -> BubResult | None:
+def load_cached(path: Path, key: str) -> BubResult | None:
     try:
         d = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -531,7 +532,7 @@ def _load_cached(path: Path, key: str) -> BubResult | None:
         return None
 
 
-def _save_cached(path: Path, result: BubResult) -> None:
+def save_cached(path: Path, result: BubResult) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     d = result.to_dict()
     d["cache_version"] = CACHE_VERSION
@@ -543,7 +544,7 @@ def _save_cached(path: Path, result: BubResult) -> None:
 
 # -- preparation shared by search, grid and manual runs ---------------------------------------------
 @dataclass
-class _Setup:
+class BubSetup:
     model_path: str
     dims: ModelDims
     n_ctx: int
@@ -555,7 +556,7 @@ class _Setup:
     memory: dict
 
 
-def _prepare(model_path, n_ctx, n_threads, memory_budget, min_size, sizes) -> _Setup:
+def prepare_setup(model_path, n_ctx, n_threads, memory_budget, min_size, sizes) -> BubSetup:
     from ggufopt_ray.engine import native
     from ggufopt_ray.gguf.inspect import check_gguf_file
 
@@ -582,10 +583,10 @@ def _prepare(model_path, n_ctx, n_threads, memory_budget, min_size, sizes) -> _S
                         f"{budget / 2**20:.1f} MiB (the smallest needs about {smallest / 2**20:.1f} MiB); "
                         "raise --memory-budget or lower --ctx")
     threads = int(n_threads) if n_threads else native.default_threads()
-    return _Setup(str(path), dims, n_ctx, threads, ladder, budget, fitting, skipped, memory)
+    return BubSetup(str(path), dims, n_ctx, threads, ladder, budget, fitting, skipped, memory)
 
 
-def _default_measure(setup: _Setup, chunks, n_gpu_layers, flash_attn, warmup):
+def _default_measure(setup: BubSetup, chunks, n_gpu_layers, flash_attn, warmup):
     def measure(config: BubConfig, report: ChunkReport | None) -> ConfigMeasurement:
         return measure_config(setup.model_path, setup.n_ctx, config, chunks, n_threads=setup.n_threads,
                               n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, warmup=warmup,
@@ -599,7 +600,7 @@ def _progress(total, desc, enabled):
     return tqdm(total=total, desc=desc, unit="cfg", disable=not enabled, leave=False)
 
 
-def _finish(setup: _Setup, method, evaluations, near_best_pct, n_chunks, seed, t0, fp=None,
+def finish_result(setup: BubSetup, method, evaluations, near_best_pct, n_chunks, seed, t0, fp=None,
             key="") -> BubResult:
     for e in evaluations:
         e.memory_estimate = setup.memory.get(e.config, 0)
@@ -636,29 +637,23 @@ def search_bub(model_path: str | Path, n_ctx: int = 512, *, n_trials: int | None
 
     Measures at most ``n_trials`` distinct configurations (default ``auto_trials``), the llama.cpp
     default first. With ``use_cache`` a result for the same model, context, threads and hardware
-    is returned from ``cache_dir`` (default ``~/.cache/ggufopt/bub`` or $GGUFOPT_CACHE_DIR)
+    is returned from ``cache_dir`` (default ``bub/`` in $GGUFOPT_CACHE_DIR or ~/.cache/ggufopt_ray)
     without measuring anything. ``measure_fn(config, report)`` replaces the real measurement
     (tests; a distributed runner).
     """
     import optuna
 
-    from ggufopt_ray.gguf.inspect import model_fingerprint
-
     t0 = time.perf_counter()
-    setup = _prepare(model_path, n_ctx, n_threads, memory_budget, min_size, sizes)
+    setup = prepare_setup(model_path, n_ctx, n_threads, memory_budget, min_size, sizes)
     if n_trials is not None and n_trials < 1:
         raise UserError(f"--trials must be at least 1, not {n_trials}")
     if near_best_pct < 0:
         raise UserError(f"the near-best margin must not be negative, not {near_best_pct}")
-    fp = {
-        "model": model_fingerprint(setup.model_path), "model_size": setup.dims.file_size,
-        "n_ctx": setup.n_ctx, "n_threads": setup.n_threads, "n_gpu_layers": int(n_gpu_layers),
-        "flash_attn": bool(flash_attn), "ladder": setup.ladder, "hardware": hardware_fingerprint(),
-    }
+    fp = cache_fingerprint(setup, n_gpu_layers, flash_attn)
     key = cache_key(fp)
     cache_path = Path(cache_dir or default_cache_dir()) / f"{key}.json"
     if use_cache and cache_path.is_file():
-        cached = _load_cached(cache_path, key)
+        cached = load_cached(cache_path, key)
         if cached is not None and setup.memory.get(cached.best_config, math.inf) <= setup.budget:
             cached.from_cache = True
             cached.cache_path = str(cache_path)
@@ -735,9 +730,9 @@ def search_bub(model_path: str | Path, n_ctx: int = 512, *, n_trials: int | None
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
     finally:
         bar.close()
-    result = _finish(setup, "optuna-tpe", evaluations, near_best_pct, n_chunks, seed, t0, fp, key)
+    result = finish_result(setup, "optuna-tpe", evaluations, near_best_pct, n_chunks, seed, t0, fp, key)
     if use_cache:
-        _save_cached(cache_path, result)
+        save_cached(cache_path, result)
         result.cache_path = str(cache_path)
     return result
 
@@ -752,11 +747,11 @@ def grid_bub(model_path: str | Path, n_ctx: int = 512, *, n_chunks: int = 5,
              ) -> BubResult:
     """Measure every configuration of the space that fits the budget (no pruning, no cache)."""
     t0 = time.perf_counter()
-    setup = _prepare(model_path, n_ctx, n_threads, memory_budget, min_size, sizes)
+    setup = prepare_setup(model_path, n_ctx, n_threads, memory_budget, min_size, sizes)
     chunks = make_chunks(setup.dims, setup.n_ctx, n_chunks, tokens=tokens, seed=seed)
     measure = measure_fn or _default_measure(setup, chunks, n_gpu_layers, flash_attn, warmup)
     evaluations = _measure_each(setup.fitting, measure, "bub grid", progress)
-    return _finish(setup, "grid", evaluations, near_best_pct, n_chunks, seed, t0)
+    return finish_result(setup, "grid", evaluations, near_best_pct, n_chunks, seed, t0)
 
 
 def measure_configs(model_path: str | Path, configs: Sequence[BubConfig | tuple[int, int]],
@@ -774,7 +769,7 @@ def measure_configs(model_path: str | Path, configs: Sequence[BubConfig | tuple[
     for c in configs:
         c.validate(int(n_ctx))
     sizes = sorted({s for c in configs for s in (c.n_batch, c.n_ubatch)})
-    setup = _prepare(model_path, n_ctx, n_threads, memory_budget, 1, sizes)
+    setup = prepare_setup(model_path, n_ctx, n_threads, memory_budget, 1, sizes)
     wanted = list(dict.fromkeys(configs))
     setup.fitting = [c for c in wanted if setup.memory[c] <= setup.budget]
     setup.skipped = [c for c in wanted if setup.memory[c] > setup.budget]
@@ -784,7 +779,7 @@ def measure_configs(model_path: str | Path, configs: Sequence[BubConfig | tuple[
     chunks = make_chunks(setup.dims, setup.n_ctx, n_chunks, tokens=tokens, seed=seed)
     measure = measure_fn or _default_measure(setup, chunks, n_gpu_layers, flash_attn, warmup)
     evaluations = _measure_each(setup.fitting, measure, "bub configs", progress)
-    return _finish(setup, "manual", evaluations, near_best_pct, n_chunks, seed, t0)
+    return finish_result(setup, "manual", evaluations, near_best_pct, n_chunks, seed, t0)
 
 
 def _measure_each(configs, measure, desc: str, progress: bool) -> list:
