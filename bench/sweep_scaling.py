@@ -37,7 +37,6 @@ def main(argv=None) -> int:
 
     import os
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from ggufopt_ray.config import SweepConfig
     from ggufopt_ray.distributed.runtime import start_ray
     from ggufopt_ray.sweep import run_sweep

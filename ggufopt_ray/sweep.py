@@ -171,7 +171,8 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
     from ggufopt_ray.evaluation import encoding_params, racing_config
     from ggufopt_ray.gguf.inspect import inspect_model, model_fingerprint
     from ggufopt_ray.report.tables import finalize_results
-    from ggufopt_ray.store.baseline import BaselineStore, baseline_identity
+    from ggufopt_ray.store.baseline import BaselineStore, baseline_identity, tensor_signature
+    from ggufopt_ray.store.locks import file_lock
 
     t0 = time.perf_counter()
     search = validate(cfg)
@@ -208,6 +209,8 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
     ray_info = start_ray(cfg.cluster, verbose=cfg.verbose)
     log(f"ray      {ray_info.num_cpus:g} CPUs, {ray_info.num_gpus:g} GPUs"
         + (f"; dashboard {ray_info.dashboard_url}" if ray_info.dashboard_url else ""))
+    for note in ray_info.notes:
+        log(f"ray      {note}")
 
     first = scored_from(cfg)
     # The memory plan: the baseline against the object store, a trial's peak against this node.
@@ -236,13 +239,18 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
               "corpus_fingerprint": ev.fingerprint, "n_ctx": cfg.model.n_ctx, "n_vocab": info.vocab_size,
               "encoding": cfg.metrics.encoding, "encoding_params": encoding_params(cfg.metrics.encoding),
               "first": first, "n_chunks": len(ev), "model_path": str(model_path),
-              "runtime": _settings(cfg), "llama_cpp": ver}
-    store = BaselineStore.create_or_open(cache / "baselines" / baseline_identity(header), header)
+              "runtime": _settings(cfg), "llama_cpp": ver, "tensor_signature": tensor_signature(model_path)}
+    # A content-addressed cache path: a damaged header can only be replaced by the same data.
+    store = BaselineStore.create_or_open(cache / "baselines" / baseline_identity(header), header,
+                                         replace_damaged=True)
     settings = RuntimeSettings(**_settings(cfg))
     baseline_meta = {"baseline_id": store.baseline_id, "store": str(store.root), "computed": 0, "loaded": 0}
     refs = []
     if search.trial_kind == "quality":  # a speed search times the base model; it needs no baseline
-        base = run_baseline(store, ev.chunks, str(model_path), settings, cfg.metrics.encoding, first, cfg.cluster)
+        # Two sweeps sharing a cache: the second waits for the first's baseline, then loads it.
+        with file_lock(store.root, on_wait=lambda lock: log(f"baseline waiting for another sweep's pass ({lock})")):
+            base = run_baseline(store, ev.chunks, str(model_path), settings, cfg.metrics.encoding, first,
+                                cfg.cluster, log=log)
         refs = base.refs
         baseline_meta.update(computed=base.computed, loaded=base.loaded, seconds=round(base.seconds, 3),
                              worker_nodes=base.worker_nodes)

@@ -99,6 +99,28 @@ LOGITS = ["ggufopt", "logits", "{model}", "--text-file", "{text}", "--ctx", "64"
 BENCH = ["ggufopt", "bench", "{model}", "--baseline", "{base}", "--threads", "1"]
 ZFP = ["ggufopt", "zfp", "{model}"]
 
+SWEEP_COMMON = ["output_dir={tmp}/out", "cache_dir={tmp}/cache", "cluster.dashboard=false", "dataset.eval_chunks=2",
+                "dataset.calib_chunks=1"]
+
+
+def _other_sweep_in_output(ws, tmp):
+    """The run directory of an earlier sweep with other quant types (its identity and a result)."""
+    import json
+
+    from ggufopt_ray.config import SweepConfig
+    from ggufopt_ray.run_dir import sweep_identity
+
+    cfg = SweepConfig()
+    cfg.search.types = ["Q2_K"]
+    (tmp / "out").mkdir()
+    (tmp / "out" / "identity.json").write_text(json.dumps(sweep_identity(cfg)))
+    (tmp / "out" / "results.csv").write_text("label\nQ2_K\n")
+
+
+def _foreign_results_in_output(ws, tmp):
+    (tmp / "out" / "ray_results").mkdir(parents=True)
+
+
 CASES = [
     # ggufopt logits
     Case("logits-missing-model", ["ggufopt", "logits", "{tmp}/nope.gguf", "--text-file", "{text}", "-o", "{tmp}/s"],
@@ -198,6 +220,31 @@ CASES = [
          file_limit=64 << 10, absent=("{tmp}/z.gguf",)),
     # ggufopt stats
     Case("stats-not-a-store", ["ggufopt", "stats", "{tmp}"], r"is not a results store"),
+    # -- the sweep: every setting is checked before Ray starts ----------------------------------
+    *[Case(f"sweep-{name}", ["sweep", *args, *SWEEP_COMMON], needle, absent=("{tmp}/out/results.parquet",),
+           prepare=prep, prefix="sweep: error: ") for name, args, needle, prep in [
+        ("confidence", ["metrics.confidence=1.5"], r"metrics: confidence 1.5 must lie strictly between 0 and 1", None),
+        ("margin", ["metrics.margin=-1"], r"metrics: margin -1.0 must be > 0", None),
+        ("min-chunks", ["metrics.min_chunks=1"], r"metrics: min_chunks 1 must be at least 2", None),
+        ("encoding", ["metrics.encoding=bogus"], r"unknown baseline encoding 'bogus'", None),
+        ("scored-from", ["metrics.scored_from=300"], r"metrics.scored_from=300 leaves nothing to score", None),
+        ("ubatch", ["model.n_batch=128", "model.n_ubatch=256"], r"model.n_ubatch \(256\) must be between 1 and", None),
+        ("ctx-too-long", ["model.n_ctx=4096", "model.n_batch=4096", "model.n_ubatch=512"],
+         r"longer than the model's training context", None),
+        ("unknown-type", ["search.types=[Q9_X]"], r"Q9_X", None),
+        ("iq-without-imatrix", ["search.types=[IQ2_XS]"], r"need an importance matrix.*search.imatrix=true", None),
+        ("zfp-dims", ["search=zfp", "search.zfp_dims=[9]"], r"search.zfp_dims \[9\] are not ZFP layouts", None),
+        ("zfp-rate", ["search=zfp", "search.zfp_rates=[0]"], r"rate must be a positive number", None),
+        ("zfp-huge-rate", ["search=zfp", "search.zfp_rates=[1e9]"], r"above zfp's useful maximum", None),
+        ("bub-range", ["search=bub", "search.bub_min_log2=8", "search.bub_max_log2=5"],
+         r"search.bub_min_log2 \(8\) must be between 0 and search.bub_max_log2", None),
+        ("mix-group", ["search=quant_mix", "search.mix_groups=[attn_z]"], r"unknown tensor group", None),
+        ("mix-budget", ["search=quant_mix", "search.target_bpw=1.0"], r"search.target_bpw=1 is below the smallest mix", None),
+        ("allocate-optuna", ["search=allocate", "search.mode=optuna"], r"use search.mode=grid", None),
+        ("scheduler", ["search.scheduler=hyperband"], r"search.scheduler must be none, asha or median", None),
+        ("stale-output", [], r"holds a sweep with other settings: .*search.types", _other_sweep_in_output),
+        ("unknown-output", [], r"holds results of an unknown sweep", _foreign_results_in_output),
+    ]],
 ]
 
 

@@ -59,7 +59,7 @@ def test_overrides_are_typed():
 
 
 def _run_sweep(*overrides, cwd):
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     return subprocess.run([sys.executable, str(ROOT / "launch" / "sweep.py"), *overrides], capture_output=True,
                           text=True, cwd=cwd, env=env, timeout=600)
 

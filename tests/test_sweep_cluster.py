@@ -46,7 +46,7 @@ ray.shutdown(); cluster.shutdown()
 
 @pytest.mark.slow
 def test_logits_on_gpu_node_quantize_on_cpu_node(tmp_path):
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT), str(tmp_path)], capture_output=True,
                           text=True, env=env, timeout=500)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]

@@ -106,7 +106,7 @@ def test_killed_driver_resumes_without_recomputing(tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     # Tune snapshots its state at every step here (the default throttles to 2 s): with trials of
     # about a second, a 2 s lag let the whole sweep finish between "2 saved" and the kill.
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
            "TUNE_GLOBAL_CHECKPOINT_S": "0"}
     proc = subprocess.Popen(_sweep_cmd(out, cache), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)

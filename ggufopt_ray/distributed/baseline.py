@@ -87,7 +87,7 @@ class BaselineRefs:
 
 
 def run_baseline(store, chunks: list[np.ndarray], model_path: str, settings: RuntimeSettings, encoding: str,
-                 first: int, cluster: ClusterConfig, progress=None) -> BaselineRefs:
+                 first: int, cluster: ClusterConfig, progress=None, log=None) -> BaselineRefs:
     """Fill ``store`` (a :class:`~ggufopt_ray.store.baseline.BaselineStore`) and return object refs.
 
     Chunks already committed in the store are loaded and put; the missing ones are sharded over
@@ -96,6 +96,9 @@ def run_baseline(store, chunks: list[np.ndarray], model_path: str, settings: Run
     """
     t0 = time.perf_counter()
     refs: list = [None] * len(chunks)
+    for path, why in store.discard_damaged(range(len(chunks))):  # checksums: recomputed below
+        if log is not None:
+            log(f"warning  {path} was damaged ({why}); recomputing it")
     missing = [i for i in range(len(chunks)) if not store.has(i)]
     loaded = 0
     for i in range(len(chunks)):

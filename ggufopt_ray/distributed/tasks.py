@@ -16,6 +16,7 @@ import ray
 from ggufopt_ray.candidates import Candidate, Recipe, build_candidate
 from ggufopt_ray.config import ClusterConfig
 from ggufopt_ray.engine.imatrix import collect_imatrix, load_imatrix
+from ggufopt_ray.store.locks import file_lock
 
 
 def _node_id() -> str:
@@ -37,14 +38,15 @@ def build_imatrix_task(model_path: str, chunks: list, out_path: str, n_ctx: int,
                        threads: int | None) -> dict:
     """Collect an importance matrix over ``chunks`` (cached at ``out_path``)."""
     out = Path(out_path)
-    if out.exists():
-        im = load_imatrix(out)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        im = collect_imatrix(model_path, chunks, n_ctx=n_ctx, n_threads=threads)
-        tmp = out.with_name(out.stem + ".partial" + out.suffix)
-        im.save(tmp)
-        tmp.replace(out)
+    with file_lock(out):  # concurrent sweeps on one cache: one collects, the others wait and load
+        if out.exists():
+            im = load_imatrix(out)
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            im = collect_imatrix(model_path, chunks, n_ctx=n_ctx, n_threads=threads)
+            tmp = out.with_name(f"{out.stem}.{os.getpid()}.partial{out.suffix}")
+            im.save(tmp)
+            tmp.replace(out)
     return {"path": str(out), "hash": im.hash(), "chunks": im.chunk_count, "node_id": _node_id()}
 
 

@@ -134,6 +134,8 @@ def _evaluate(plan, base_row: dict, ctx: TrialContext, t_start: float) -> None:
         "baseline_id": ctx.baseline_id, "candidate": recipe.to_dict(), "imatrix_hash": cand.imatrix_hash,
         "model_fingerprint": ctx.model_fp, "encoding": ctx.encoding, "first": ctx.first,
         "settings": asdict(ctx.settings)})
+    for path, why in store.discard_damaged():  # a damaged chunk is evaluated again
+        log_event(ctx, "damaged_chunk", label=plan.label, path=str(path), problem=why)
     fetched = [0]
     race = RaceRule(ctx, plan.label, cand.bits_per_weight) if ctx.racing is not None else None
     stop_rule = race if race is not None else (lambda per_chunk: stop_decision(per_chunk, ctx.metrics))
