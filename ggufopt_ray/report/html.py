@@ -165,6 +165,15 @@ def _search_findings(folder: ResultsFolder) -> list[tuple[str, str]]:
     return items
 
 
+def _recommendations(folder: ResultsFolder) -> tuple[str, list[str]] | None:
+    """search=allocate: the model-card table and the llama-quantize command per size class."""
+    notes = (folder.sweep.get("search") or {}).get("allocate") if isinstance(folder.sweep, dict) else None
+    if not notes or not notes.get("model_card"):
+        return None
+    commands = [f"# {r['size_class']}: {r['label']}\n{r['command']}" for r in notes.get("recommendations") or []]
+    return notes["model_card"], commands
+
+
 def _provenance(folder: ResultsFolder) -> list[tuple[str, str]]:
     from ggufopt_ray import __version__
 
@@ -312,6 +321,12 @@ def render_html(folder: ResultsFolder, plots: list[Plot], generated: str) -> str
             parts.append(f'<ul id="pareto">{items}</ul>')
         else:
             parts.append("<p>No candidate has both a size and a composite score.</p>")
+    rec = _recommendations(folder)
+    if rec:
+        card, commands = rec
+        parts.append("<h2>Recommended files per size class</h2>")
+        parts.append(f'<pre id="model-card">{_e(card)}</pre>')
+        parts.append('<pre id="recipes">' + _e("\n".join(commands)) + "</pre>")
     parts.append("<h2>Results</h2>")
     parts.append('<p class="sub">Best first (' + ("by tokens/s" if folder.is_bub else "by the sweep's objective; "
                  "unranked trials last") + "). Click a header to sort. Highlighted: "
@@ -367,6 +382,10 @@ def render_markdown(folder: ResultsFolder, plots: list[Plot], generated: str) ->
         out += [f"- {_md(r.get('label'))}: {_v(r, 'bits_per_weight'):.3f} bits/weight, composite "
                 f"{fmt_interval(r.get('composite'), r.get('composite_lo'), r.get('composite_hi'))}" for r in front] \
             or ["(none)"]
+    rec = _recommendations(folder)
+    if rec:
+        card, commands = rec
+        out += ["", "## Recommended files per size class", "", card, "", "```"] + commands + ["```"]
     cols = _columns(folder)
     out += ["", "## Results", "", "Best first; **bold**: best, (P): on the Pareto front.", ""]
     out.append("| # | " + ("setting" if folder.is_bub else "candidate") + " | "

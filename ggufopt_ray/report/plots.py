@@ -370,9 +370,60 @@ def plot_zfp(folder: ResultsFolder, path: Path) -> Plot | None:
                 "of the model, by compressed bits per weight and ZFP block dimensionality.")
 
 
+def allocation_notes(folder: ResultsFolder) -> dict | None:
+    """What ``search=allocate`` recorded in sweep.json (None for other searches)."""
+    notes = (folder.sweep.get("search") or {}).get("allocate") if isinstance(folder.sweep, dict) else None
+    return notes if notes and notes.get("measured") else None
+
+
+def plot_allocation(folder: ResultsFolder, path: Path) -> Plot | None:
+    """The allocator's frontier (predicted and measured) against the stock quant types."""
+    notes = allocation_notes(folder)
+    if notes is None:
+        return None
+    fig, ax = _figure(8.5, 5.8)
+    pred = notes.get("predicted_frontier") or []
+    if pred:
+        ax.plot([p["bits_per_weight"] for p in pred], [p["predicted_kld"] for p in pred], "-", color="C0", lw=1.2,
+                alpha=0.7, label="predicted frontier (corrected additive model)")
+    meas = [m for m in notes["measured"] if m.get("round", -1) >= 0 and np.isfinite(m.get("measured", np.nan))]
+    if meas:
+        ax.plot([m["bits_per_weight"] for m in meas], [m["measured"] for m in meas], "o", color="C0", ms=6,
+                label=f"allocated mixes, measured ({len(meas)})")
+    df = folder.results
+    stock = df[df["recipe"].map(lambda r: not _recipe_field(r, "overrides"))] if "recipe" in df else df.iloc[:0]
+    x, y = numeric(stock, "bits_per_weight"), numeric(stock, "kld_mean")
+    ok = x.notna() & y.notna()
+    if ok.any():
+        ax.plot(x[ok], y[ok], "s", color="C3", ms=8, label="stock types")
+        _annotate(ax, [(x[i], y[i], str(stock.at[i, "label"]), "C3") for i in stock.index[ok]])
+    for rec in notes.get("recommendations") or []:
+        ax.plot([rec["bits_per_weight"]], [rec["kld_mean"]], "*", ms=16, mfc="gold", mec="black", mew=1, zorder=5)
+    for sc in notes.get("size_classes") or []:
+        n_params = None
+        if pred:
+            n_params = 8.0 * pred[0]["bytes"] / pred[0]["bits_per_weight"]
+        if n_params:
+            ax.axvline(8.0 * sc["max_bytes"] / n_params, color="0.6", ls=":", lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("model size (bits per weight)")
+    ax.set_ylabel("mean KLD (nats, lower is better)")
+    ax.set_title("Allocated per-tensor mixes vs stock types\nstars: the recommendation per size class "
+                 "(dotted: size class limits)", fontsize=11)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    _save(fig, path)
+    sp = notes.get("spearman_predicted_vs_measured")
+    return Plot(path.name, path, "Allocation frontier vs stock types",
+                "The knapsack's predicted frontier of per-tensor mixes (line), the mixes measured for real "
+                "(dots), the stock quant types (squares) and the recommended file per size class (stars)"
+                + (f"; predicted vs measured rank correlation {sp:.2f}" if sp is not None and np.isfinite(sp) else "")
+                + ".")
+
+
 PLOTTERS = (("pareto.png", plot_pareto), ("chunk_curves.png", plot_chunk_curves),
             ("kld_distributions.png", plot_kld_distributions), ("bub_heatmap.png", plot_bub_heatmap),
-            ("zfp.png", plot_zfp))
+            ("zfp.png", plot_zfp), ("allocation.png", plot_allocation))
 
 
 def make_plots(folder: ResultsFolder, out_dir: Path) -> list[Plot]:
