@@ -11,11 +11,12 @@ sides alike; the figures that matter are the ratios.
    ``evaluation.baseline_payload`` — vs ``llama-perplexity --kl-divergence-base FILE`` on the
    same model, text, chunks (n_ctx), n_batch/n_ubatch and threads, with ``-fa off`` (ours runs
    without flash attention). llama-perplexity is a process that loads the model and tokenizes
-   the text each time, so its steady rate is measured as a difference: a run over all chunks
-   minus a run over one batch of chunks, which cancels start-up, load and tokenization. Ours is
-   timed on a loaded engine. Two of ours are measured: ``per_chunk`` (one chunk per decode,
+   the text each time; its chunk loop is timed from its own log time stamps ("calculating
+   perplexity" to "Final estimate": decode, log-probs and writing the base file), its whole
+   process by the wall clock. Ours is timed on a loaded engine with tokenized chunks. Two of ours are measured: ``per_chunk`` (one chunk per decode,
    what LogitsWorker does today) and ``packed`` (``logits_many``: ``n_batch // n_ctx`` chunks
-   per decode, as llama-perplexity does); the ratio is the faster of the two, both are printed.
+   per decode, as llama-perplexity does); the ratio (median over rounds of llama-perplexity's time / ours) is the better of the two,
+   both are printed.
 
     python bench/logits_throughput.py [--quick] [--json PATH] [--model GGUF] [--text FILE]
 
@@ -145,12 +146,21 @@ def text_file_for(engine, text: str, n_ctx: int, n_chunks: int, path: Path) -> P
     return path
 
 
-_PERF = re.compile(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens")
+_STAMP = r"(\d+)\.(\d+)\.(\d+)\.(\d+) \w "  # llama.cpp's log prefix: minutes.seconds.ms.us
+_START = re.compile(_STAMP + r"perplexity: calculating perplexity over")
+_FINAL = re.compile(_STAMP + r"Final estimate")
+
+
+def _seconds(m: re.Match) -> float:
+    mi, se, ms, us = (int(g) for g in m.groups()[:4])
+    return mi * 60 + se + ms / 1e3 + us / 1e6
 
 
 def run_llama_perplexity(tool: Path, model: Path, text: Path, n_ctx: int, n_batch: int, n_ubatch: int,
-                         threads: int, chunks: int, base_out: Path) -> tuple[float, float | None]:
-    """Wall seconds of one ``--kl-divergence-base`` run, and its own prompt-eval seconds."""
+                         threads: int, chunks: int, base_out: Path) -> tuple[float, float]:
+    """Wall seconds of one ``--kl-divergence-base`` run, and the seconds of its chunk loop (from
+    its own log time stamps: from "calculating perplexity" to "Final estimate", so without
+    process start, model load and tokenization; decode, log-probs and the base file inside)."""
     cmd = [str(tool), "-m", str(model), "-f", str(text), "-c", str(n_ctx), "-b", str(n_batch),
            "-ub", str(n_ubatch), "-t", str(threads), "-tb", str(threads), "--chunks", str(chunks),
            "--kl-divergence-base", str(base_out), "-fa", "off"]
@@ -159,8 +169,11 @@ def run_llama_perplexity(tool: Path, model: Path, text: Path, n_ctx: int, n_batc
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"llama-perplexity failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-    m = _PERF.search(proc.stderr)
-    return wall, (float(m.group(1)) / 1000 if m else None)
+    a, b = _START.search(proc.stderr), _FINAL.search(proc.stderr)
+    if not (a and b):
+        raise SystemExit("llama-perplexity's log has no time-stamped 'calculating perplexity' / "
+                         "'Final estimate' lines; cannot time its chunk loop")
+    return wall, _seconds(b) - _seconds(a)
 
 
 def vs_llama_perplexity(tool, model, text, n_ctx, n_batch, n_ubatch, threads, n_chunks, rounds,
@@ -171,35 +184,30 @@ def vs_llama_perplexity(tool, model, text, n_ctx, n_batch, n_ubatch, threads, n_
     settings = RuntimeSettings(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_threads=threads)
     engine = LogitsEngine(model, settings)
     n_seq = engine.n_seq
-    n_chunks = max(n_chunks, 2 * n_seq)  # the difference method needs more than one batch
     text_path = text_file_for(engine, text, n_ctx, n_chunks, tmp / "text.txt")
     chunks = text_chunks(engine, text_path.read_text(), n_ctx, n_chunks)
+    n_chunks = len(chunks)
     first = n_ctx // 2  # llama-perplexity scores the second half of each chunk
     ours = {"per_chunk": payloads_per_chunk, "packed": payloads_packed}
-    small = n_seq  # one batch of chunks: llama-perplexity's fixed costs plus one decode
 
     # Same numbers first: packed and per-chunk payloads must agree.
     a, b = payloads_per_chunk(engine, chunks[:n_seq], encoding, first), payloads_packed(engine, chunks[:n_seq], encoding, first)
     pack_diff = max(float(np.abs(np.asarray(x[k], np.float64) - np.asarray(y[k], np.float64)).max())
                     for x, y in zip(a, b) for k in x if np.asarray(x[k]).dtype.kind == "f")
-    for fn in ours.values():  # warm-up
-        fn(engine, chunks, encoding, first)
     base = tmp / "base.kld"
-    run_llama_perplexity(tool, model, text_path, n_ctx, n_batch, n_ubatch, threads, small, base)
+    for fn in ours.values():  # warm-up, both sides
+        fn(engine, chunks[:n_seq], encoding, first)
+    run_llama_perplexity(tool, model, text_path, n_ctx, n_batch, n_ubatch, threads, min(n_chunks, n_seq), base)
 
-    times: dict[str, list[float]] = {"per_chunk": [], "packed": [], "lp_all": [], "lp_small": []}
-    lp_eval: list[float] = []
+    times: dict[str, list[float]] = {"per_chunk": [], "packed": [], "lp_loop": [], "lp_wall": []}
     for r in range(rounds):
         steps = ["per_chunk", "packed", "lp"]
         for step in (steps if r % 2 == 0 else steps[::-1]):
             if step == "lp":
-                wall, ev = run_llama_perplexity(tool, model, text_path, n_ctx, n_batch, n_ubatch, threads,
-                                                n_chunks, base)
-                times["lp_all"].append(wall)
-                if ev is not None:
-                    lp_eval.append(ev)
-                times["lp_small"].append(run_llama_perplexity(tool, model, text_path, n_ctx, n_batch, n_ubatch,
-                                                              threads, small, base)[0])
+                wall, loop = run_llama_perplexity(tool, model, text_path, n_ctx, n_batch, n_ubatch, threads,
+                                                  n_chunks, base)
+                times["lp_wall"].append(wall)
+                times["lp_loop"].append(loop)
             else:
                 t0 = time.perf_counter()
                 ours[step](engine, chunks, encoding, first)
@@ -207,33 +215,35 @@ def vs_llama_perplexity(tool, model, text, n_ctx, n_batch, n_ubatch, threads, n_
     engine.close()
     tokens = n_chunks * n_ctx
     med = {k: float(np.median(v)) for k, v in times.items()}
-    lp_steady = (n_chunks - small) * n_ctx / max(1e-9, med["lp_all"] - med["lp_small"])
-    lp_wall = tokens / med["lp_all"]
-    tps = {k: tokens / med[k] for k in ("per_chunk", "packed")}
-    best = max(tps, key=tps.get)
+    tps = {k: tokens / med[k] for k in med}
+    # Each round's sides ran back to back: the median of per-round ratios resists the load
+    # swings of a shared machine better than a ratio of medians.
+    per_round = {k: [lp / t for lp, t in zip(times["lp_loop"], times[k])] for k in ("per_chunk", "packed")}
+    round_ratio = {k: float(np.median(v)) for k, v in per_round.items()}
+    best = max(round_ratio, key=round_ratio.get)
     res = {
         "n_ctx": n_ctx, "n_batch": n_batch, "n_ubatch": n_ubatch, "n_seq": n_seq, "chunks": n_chunks,
         "rounds": rounds, "encoding": encoding, "scored_from": first,
         "ours_per_chunk_tokens_per_s": tps["per_chunk"], "ours_packed_tokens_per_s": tps["packed"],
-        "llama_perplexity_tokens_per_s": lp_steady,
-        "llama_perplexity_wall_tokens_per_s": lp_wall,
-        "llama_perplexity_prompt_eval_tokens_per_s": tokens / float(np.median(lp_eval)) if lp_eval else None,
-        "ratio_vs_llama_perplexity": tps[best] / lp_steady, "ratio_best_of": best,
-        "ratio_per_chunk_vs_llama_perplexity": tps["per_chunk"] / lp_steady,
-        "ratio_packed_vs_llama_perplexity": tps["packed"] / lp_steady,
+        "llama_perplexity_tokens_per_s": tps["lp_loop"],
+        "llama_perplexity_wall_tokens_per_s": tps["lp_wall"],
+        "ratio_vs_llama_perplexity": round_ratio[best], "ratio_best_of": best,
+        "ratio_per_chunk_vs_llama_perplexity": round_ratio["per_chunk"],
+        "ratio_packed_vs_llama_perplexity": round_ratio["packed"],
+        "ratio_of_medians_per_chunk": tps["per_chunk"] / tps["lp_loop"],
+        "ratio_of_medians_packed": tps["packed"] / tps["lp_loop"],
+        "per_round_ratios": per_round,
         "packed_vs_per_chunk_max_abs_payload_diff": pack_diff,
+        "times_s": times,
     }
     print(f"\n[2] baseline pass ({encoding}) vs llama-perplexity --kl-divergence-base, n_ctx {n_ctx}, "
           f"n_batch {n_batch}, n_ubatch {n_ubatch}, n_seq {n_seq}, {n_chunks} chunks, {rounds} rounds")
-    print(f"{'side':<34} {'median s':>10} {'tokens/s':>12}")
-    print(f"{'ours, one chunk per decode':<34} {med['per_chunk']:>10.3f} {tps['per_chunk']:>12.1f}")
-    print(f"{'ours, packed (logits_many)':<34} {med['packed']:>10.3f} {tps['packed']:>12.1f}")
-    print(f"{'llama-perplexity, steady':<34} {med['lp_all'] - med['lp_small']:>10.3f} {lp_steady:>12.1f}"
-          f"   (wall {med['lp_all']:.3f} s for all, {med['lp_small']:.3f} s for {small} chunk(s))")
-    if lp_eval:
-        print(f"{'llama-perplexity, its prompt eval':<34} {np.median(lp_eval):>10.3f} "
-              f"{res['llama_perplexity_prompt_eval_tokens_per_s']:>12.1f}")
-    print(f"ratio_vs_llama_perplexity = {res['ratio_vs_llama_perplexity']:.3f} ({best}; target >= 1.0); "
+    print(f"{'side':<36} {'median s':>10} {'tokens/s':>12}")
+    for key, label in (("per_chunk", "ours, one chunk per decode"), ("packed", "ours, packed (logits_many)"),
+                       ("lp_loop", "llama-perplexity, chunk loop"), ("lp_wall", "llama-perplexity, whole process")):
+        print(f"{label:<36} {med[key]:>10.3f} {tps[key]:>12.1f}")
+    print(f"ratio_vs_llama_perplexity = {res['ratio_vs_llama_perplexity']:.3f} ({best}, median of per-round "
+          f"ratios; target >= 1.0); "
           f"per-chunk {res['ratio_per_chunk_vs_llama_perplexity']:.3f}, "
           f"packed {res['ratio_packed_vs_llama_perplexity']:.3f}; "
           f"packed vs per-chunk payloads max |diff| = {pack_diff:.3g}")
@@ -252,7 +262,7 @@ def main(argv=None) -> int:
     ap.add_argument("--chunks", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--encoding", default=None, help="baseline encoding (default: the sweep's)")
+    ap.add_argument("--encoding", default=None, help="baseline encoding (default: the sweep's; auto means its first choice)")
     ap.add_argument("--llama-perplexity", help="path of the llama-perplexity binary")
     ap.add_argument("--skip-bare", action="store_true", help="only part 2")
     args = ap.parse_args(argv)
@@ -281,6 +291,10 @@ def main(argv=None) -> int:
     n_batch = args.batch or 4 * n_ctx
     n_ubatch = min(args.ubatch, n_batch)
     encoding = args.encoding or MetricsConfig().encoding
+    if encoding == "auto":  # the sweep's first choice, taken whenever the baseline fits memory
+        from ggufopt_ray.memory_plan import AUTO_ENCODINGS
+
+        encoding = AUTO_ENCODINGS[0]
 
     with LogitsEngine(model, RuntimeSettings(n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512),
                                              n_threads=threads)) as e:

@@ -60,6 +60,7 @@ class MetricsConfig:
     min_paired_chunks: int = 3  # shared chunks before any dominance decision
     max_chunks: Optional[int] = None  # cap on chunks per candidate; null = every evaluation chunk
     control: str = "auto"  # auto | reference | none: what the means borrow strength from
+    per_language: bool = False  # the precision rule must hold in every language's chunks, not only pooled
 
 
 @dataclass

@@ -263,7 +263,7 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
     ctx = TrialContext(base_model=str(model_path), model_fp=model_fp, settings=settings,
                        tokens=list(ev.chunks), baseline_refs=refs, baseline_id=store.baseline_id,
                        encoding=cfg.metrics.encoding, first=first, metrics=cfg.metrics, search=search,
-                       cluster=cfg.cluster,
+                       cluster=cfg.cluster, langs=list(ev.langs),
                        cache_dir=str(cache), calib_tokens=list(cal.chunks) if cal else [],
                        calib_fingerprint=cal.fingerprint if cal else "", versions=ver,
                        trial_cpus=cfg.cluster.trial_cpus, events_path=str(output_dir / "events.jsonl"))
@@ -303,6 +303,7 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
     rows, best, pareto = finalize_results(outcome.rows, outcome.history, output_dir, provenance,
                                           bub=search.table_kind() == "speed", **search.finalize_options())
     search_notes = {**search.notes, **search.finish(outcome.rows, t_trials)}
+    write_language_table(rows, output_dir)
     if best and best.get("imatrix_growth"):
         g = best["imatrix_growth"]
         versus = ""
@@ -357,6 +358,24 @@ def _n_layer(model_path: Path) -> int:
     arch = reader.fields["general.architecture"].contents()
     f = reader.fields.get(f"{arch}.block_count")
     return int(f.contents()) if f is not None else 0
+
+
+def write_language_table(rows: list[dict], output_dir: Path) -> None:
+    """``languages.parquet``: one row per (candidate, language) with that language's statistics."""
+    import pandas as pd
+
+    table = []
+    for r in rows:
+        for lang_row in json.loads(r["languages"]) if isinstance(r.get("languages"), str) else []:
+            table.append({"label": r.get("label"), "trial_id": r.get("trial_id"),
+                          "bits_per_weight": r.get("bits_per_weight"), **lang_row})
+    path = output_dir / "languages.parquet"
+    if table:
+        tmp = path.with_name(path.name + ".partial")
+        pd.DataFrame(table).to_parquet(tmp, index=False)
+        tmp.replace(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def apply_final_estimates(rows: list[dict], estimates: dict[str, dict]) -> None:

@@ -175,6 +175,24 @@ def test_trained_model_reads_as_gguf_py_reads_it():
     _assert_same_as_gguf_py(TRAINED)
 
 
+def test_type_table_matches_ggml_block_layouts():
+    import gguf
+
+    from ggufopt_ray.gguf.header import _ELEMENT_DTYPES, ggml_type_sizes
+
+    sizes = ggml_type_sizes()
+    # ggml's block structs: F32/F16 scalars, Q4_0 = f16 scale + 16 bytes of nibbles per 32,
+    # Q8_0 = f16 + 32 int8 per 32, Q4_K = 2 f16 + 12 scale bytes + 128 nibble bytes per 256,
+    # Q6_K = 128 + 64 + 16 + f16 per 256.
+    assert sizes[0] == (1, 4) and sizes[1] == (1, 2)
+    assert sizes[2] == (32, 2 + 16) and sizes[8] == (32, 2 + 32)
+    assert sizes[12] == (256, 4 + 12 + 128) and sizes[14] == (256, 128 + 64 + 16 + 2)
+    names = {int(t): t.name for t in gguf.GGMLQuantizationType}
+    assert {names[k]: np.dtype(v).name for k, v in _ELEMENT_DTYPES.items()} == {
+        "F32": "float32", "F16": "float16", "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64",
+        "F64": "float64"}
+
+
 # -- inspect_model against a ModelInfo made from gguf-py's reader ------------------------------------
 def _reference_info(path) -> dict:
     """inspect_model's figures computed from gguf.GGUFReader and decoded token strings."""

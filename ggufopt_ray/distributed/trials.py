@@ -30,6 +30,7 @@ from ggufopt_ray.distributed.tasks import build_candidate_task, build_imatrix_ta
 from ggufopt_ray.engine import LogitsEngine, RuntimeSettings
 from ggufopt_ray.errors import UserError
 from ggufopt_ray.evaluation import EvaluationRun, evaluate_candidate, stop_decision, summarize
+from ggufopt_ray.metrics.languages import group_by_language, summarize_languages
 from ggufopt_ray.metrics.racing import RaceDecision, RaceEntry, RacingConfig, per_chunk_values, race_decision
 from ggufopt_ray.searches import Search
 from ggufopt_ray.store.results import ResultsStore
@@ -56,6 +57,7 @@ class TrialContext:
     versions: dict = field(default_factory=dict)
     trial_cpus: float = 1.0
     events_path: str = ""  # append-only journal of what ran where (JSON lines)
+    langs: list = field(default_factory=list)  # language (or source) of each evaluation chunk
     racing: RacingConfig | None = None  # the racing rule (None: the plain stopping rule, or none)
     board: object = None  # the sweep's RaceBoard actor when racing
 
@@ -133,12 +135,14 @@ def _evaluate(plan, base_row: dict, ctx: TrialContext, t_start: float) -> None:
     store = ResultsStore.create_or_open(_results_root(ctx, cand), {
         "baseline_id": ctx.baseline_id, "candidate": recipe.to_dict(), "imatrix_hash": cand.imatrix_hash,
         "model_fingerprint": ctx.model_fp, "encoding": ctx.encoding, "first": ctx.first,
-        "settings": asdict(ctx.settings)})
+        "settings": asdict(ctx.settings), "langs": list(ctx.langs)})
     for path, why in store.discard_damaged():  # a damaged chunk is evaluated again
         log_event(ctx, "damaged_chunk", label=plan.label, path=str(path), problem=why)
     fetched = [0]
     race = RaceRule(ctx, plan.label, cand.bits_per_weight) if ctx.racing is not None else None
     stop_rule = race if race is not None else (lambda per_chunk: stop_decision(per_chunk, ctx.metrics))
+    if ctx.metrics.per_language and len(set(ctx.langs)) > 1:
+        stop_rule = every_language(stop_rule, ctx)
 
     def payload_of(i: int) -> dict:
         fetched[0] += 1
@@ -162,12 +166,36 @@ def _evaluate(plan, base_row: dict, ctx: TrialContext, t_start: float) -> None:
         row.update({k: v for k, v in cand.extra.items() if isinstance(v, (int, float))})
         if race is not None:
             row.update(race.row_fields())
+        if run.done and len(set(ctx.langs)) > 1:
+            row.update(language_fields(run.per_chunk, ctx.langs))
         tune.report(row)
 
     run = evaluate_candidate(len(ctx.tokens), lambda i: ctx.tokens[i], payload_of, store,
                              lambda: LogitsEngine(cand.path, ctx.trial_settings()), ctx.encoding, ctx.first,
                              stop_rule=stop_rule, on_chunk=report)
     log_event(ctx, "trial_done", label=plan.label, chunks=len(run.per_chunk), computed=run.computed)
+
+
+def language_fields(per_chunk: list[dict], langs: list[str]) -> dict:
+    """The worst language and every language's statistics (for languages.parquet)."""
+    breakdown = summarize_languages(per_chunk, list(langs)[:len(per_chunk)], n_boot=200)
+    return {"worst_language": breakdown.worst_language or "", "worst_language_kld": breakdown.worst_language_kld,
+            "languages": json.dumps(breakdown.rows(), default=float)}
+
+
+def every_language(rule, ctx: TrialContext):
+    """``metrics.per_language``: a precision stop must hold in every language's own chunks (a
+    candidate fine on average may be poor on the smallest language); dominance stops as it is."""
+    def decide(per_chunk: list[dict]) -> tuple[bool, str]:
+        stop, why = rule(per_chunk)
+        if not stop or why.startswith("dominated_by"):
+            return stop, why
+        groups = group_by_language(per_chunk, list(ctx.langs)[:len(per_chunk)])
+        if len(groups) < len(set(ctx.langs)):
+            return False, "running"  # a language not seen yet cannot be precise
+        ok = all(stop_decision([{"kld": m.kld} for m in chunks], ctx.metrics)[0] for chunks in groups.values())
+        return (True, why) if ok else (False, "running")
+    return decide
 
 
 class RaceRule:

@@ -25,6 +25,7 @@ itself refuses such fields, so no model file has them. ``shape`` is a tuple of i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import mmap
 import re
@@ -91,11 +92,12 @@ class _Damaged(Exception):
     """What is wrong with the header, without the path (the caller adds it)."""
 
 
+@functools.lru_cache(maxsize=1)
 def ggml_type_sizes() -> dict[int, tuple[int, int]]:
     """``{ggml type id: (block size in elements, bytes per block)}`` from the gguf package.
 
     Taken from gguf rather than copied so that types added to ggml are known as soon as the
-    installed gguf knows them (tests compare a few against the spec's values).
+    installed gguf knows them (tests compare a few with the block layouts ggml documents).
     """
     import gguf
 

@@ -30,7 +30,7 @@ import pandas as pd
 from ggufopt_ray.errors import UserError
 from ggufopt_ray.report.folder import ResultsFolder, finite, load_results_folder, numeric
 from ggufopt_ray.report.format import DASH, fmt_int, fmt_interval, fmt_mib, fmt_num, fmt_pm
-from ggufopt_ray.report.plots import Plot, bub_grid, make_plots
+from ggufopt_ray.report.plots import Plot, bub_grid, language_table, make_plots
 
 PLOTS_DIR = "plots"
 
@@ -163,6 +163,22 @@ def _search_findings(folder: ResultsFolder) -> list[tuple[str, str]]:
         items.append(("size budget", f"{budget['target_bpw']:.3f} bpw ({budget['base_type']} alone: "
                                      f"{budget['base_bpw']:.3f})"))
     return items
+
+
+def _language_rows(folder: ResultsFolder) -> tuple[list[str], list[list[str]]] | None:
+    """The per-language table: candidate, language, chunks, mean KLD ± SE, p99, same top, ln PPL ratio."""
+    df = language_table(folder)
+    if df is None:
+        return None
+    head = ["candidate", "language", "chunks", "KLD mean ± SE", "p99", "same top", "ln PPL ratio ± SE"]
+    body = []
+    for r in df.sort_values(["label", "lang"]).to_dict("records"):
+        body.append([str(r["label"]), str(r["lang"]), str(int(r["n_chunks"])),
+                     fmt_pm(r.get("kld_mean"), r.get("kld_mean_chunk_se", r.get("kld_mean_se"))),
+                     fmt_num(r.get("kld_p99"), 3, trim=False),
+                     fmt_pm(100 * r["same_top"], 100 * r.get("same_top_se", float("nan"))) + "%",
+                     fmt_pm(r.get("ln_ppl_ratio"), r.get("ln_ppl_ratio_se"))])
+    return head, body
 
 
 def _recommendations(folder: ResultsFolder) -> tuple[str, list[str]] | None:
@@ -327,6 +343,13 @@ def render_html(folder: ResultsFolder, plots: list[Plot], generated: str) -> str
         parts.append("<h2>Recommended files per size class</h2>")
         parts.append(f'<pre id="model-card">{_e(card)}</pre>')
         parts.append('<pre id="recipes">' + _e("\n".join(commands)) + "</pre>")
+    langs = _language_rows(folder)
+    if langs:
+        head, body = langs
+        parts.append("<h2>Per language</h2>")
+        parts.append('<table id="languages"><thead><tr>' + "".join(f"<th>{_e(h)}</th>" for h in head)
+                     + "</tr></thead><tbody>" + "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>"
+                                                        for row in body) + "</tbody></table>")
     parts.append("<h2>Results</h2>")
     parts.append('<p class="sub">Best first (' + ("by tokens/s" if folder.is_bub else "by the sweep's objective; "
                  "unranked trials last") + "). Click a header to sort. Highlighted: "

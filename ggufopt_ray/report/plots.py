@@ -421,9 +421,50 @@ def plot_allocation(folder: ResultsFolder, path: Path) -> Plot | None:
                 + ".")
 
 
+def language_table(folder: ResultsFolder) -> pd.DataFrame | None:
+    """``languages.parquet`` (one row per candidate and language), when the sweep had several."""
+    path = folder.root / "languages.parquet"
+    if not path.is_file():
+        return None
+    df = pd.read_parquet(path)
+    return df if len(df) and df["lang"].nunique() > 1 else None
+
+
+def plot_languages(folder: ResultsFolder, path: Path) -> Plot | None:
+    """Candidates x languages: each language's mean KLD relative to that language's best candidate."""
+    df = language_table(folder)
+    if df is None:
+        return None
+    table = df.pivot_table(index="label", columns="lang", values="kld_mean", aggfunc="first")
+    table = table.loc[table.mean(axis=1).sort_values().index]
+    rel = table / table.min(axis=0)
+    fig, ax = _figure(3.2 + 1.1 * rel.shape[1], 1.4 + 0.38 * rel.shape[0])
+    shade = np.log2(rel.to_numpy(dtype=float))
+    dark = 0.5 * np.nanmax(shade) if np.isfinite(shade).any() else np.inf
+    im = ax.imshow(shade, cmap="magma_r", aspect="auto")
+    ax.set_xticks(range(rel.shape[1]), rel.columns)
+    ax.set_yticks(range(rel.shape[0]), [_short(x, 36) for x in rel.index])
+    for i in range(rel.shape[0]):
+        for j in range(rel.shape[1]):
+            v = rel.iat[i, j]
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}x", ha="center", va="center", fontsize=8,
+                        color="white" if shade[i, j] > dark else "black")
+    fig.colorbar(im, ax=ax, label="log2(KLD / best)")
+    ax.set_title("Mean KLD per language\nrelative to each language's best candidate", fontsize=10)
+    _save(fig, path)
+    worst = df.loc[df.groupby("label")["kld_mean"].idxmax()]
+    hurt = worst.groupby("lang").size().sort_values(ascending=False)
+    return Plot(path.name, path, "Languages: which language each candidate hurts most",
+                "Each cell is a candidate's mean KLD on one language's evaluation chunks divided by the best "
+                "candidate's on that language (1.00x: the best there). "
+                + (f"The language hurt most often: {hurt.index[0]} ({hurt.iloc[0]} of {len(worst)} candidates)."
+                   if len(hurt) else ""))
+
+
 PLOTTERS = (("pareto.png", plot_pareto), ("chunk_curves.png", plot_chunk_curves),
             ("kld_distributions.png", plot_kld_distributions), ("bub_heatmap.png", plot_bub_heatmap),
-            ("zfp.png", plot_zfp), ("allocation.png", plot_allocation))
+            ("zfp.png", plot_zfp), ("allocation.png", plot_allocation), ("languages.png", plot_languages))
 
 
 def make_plots(folder: ResultsFolder, out_dir: Path) -> list[Plot]:

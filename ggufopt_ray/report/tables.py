@@ -166,9 +166,10 @@ def format_results_table(rows: list[dict], bub: bool = False) -> str:
         for (n_batch, n_ubatch), median in sorted(medians.items(), key=lambda kv: -kv[1]):
             lines.append(f"| {n_batch} | {n_ubatch} | {_fmt(median, '.1f')} | {len(timings[(n_batch, n_ubatch)])} |")
         return "\n".join(lines)
+    langs = any(r.get("worst_language") for r in rows)
     head = ("| candidate | bpw | size MiB | KLD mean ± SE | median | p99 | composite [95% CI] | same top | "
-            "ln PPL ratio ± SE | chunks | stop |")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+            "ln PPL ratio ± SE | " + ("worst language: KLD | " if langs else "") + "chunks | stop |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if langs else "") + "---:|---|"]
     # A sampler may propose the same candidate twice (and fitting mixes to a budget can map two
     # proposals to one mix): one line per candidate, the one that saw the most chunks.
     repeats: dict[str, int] = {}
@@ -192,7 +193,9 @@ def format_results_table(rows: list[dict], bub: bool = False) -> str:
             f"{fmt_num(r.get('kld_median'), 3, trim=False)} | {fmt_num(r.get('kld_p99'), 3, trim=False)} | "
             f"{fmt_interval(r.get('composite'), r.get('composite_lo'), r.get('composite_hi'))} | "
             f"{same_top} | {fmt_pm(r.get('ln_ppl_ratio'), r.get('ln_ppl_ratio_se'))} | "
-            f"{r.get('chunks')} | {r.get('stop_reason')} |")
+            + (f"{r.get('worst_language') or '-'}: {fmt_num(r.get('worst_language_kld'), 3, trim=False)} | "
+               if langs else "")
+            + f"{r.get('chunks')} | {r.get('stop_reason')} |")
     if any(_borrowed(r) for r in kept.values()):
         lines.append("")
         lines.append("* mean of all chunks estimated from the chunks evaluated, with the candidate evaluated "

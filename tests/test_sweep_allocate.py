@@ -1,0 +1,51 @@
+"""search=allocate end to end on the tiny model: sensitivities, knapsack rounds, recommendations
+whose files llama.cpp's quantizer reproduces, and a report that shows them."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from conftest import small_sweep_config
+
+
+@pytest.mark.slow
+def test_allocation_recommends_the_best_measured_file_per_size(ray_local, tmp_path):
+    from ggufopt_ray.allocate.recommend import parse_tensor_type_file
+    from ggufopt_ray.engine.quantize import quantize_model
+    from ggufopt_ray.sweep import run_sweep
+
+    cfg = small_sweep_config(tmp_path / "cache", name="allocate", types=["Q3_K", "Q5_K", "Q8_0"], n_bands=1,
+                             max_measurements=3)
+    cfg.dataset.eval_chunks = 4
+    cfg.metrics.early_stopping = False  # every candidate on the same 4 chunks: plain means compare
+    result = run_sweep(cfg, tmp_path / "out", log=lambda *a: None)
+    assert not result.errors, result.errors
+    notes = json.loads((tmp_path / "out" / "sweep.json").read_text())["search"]["allocate"]
+    labels = {r["label"] for r in result.rows}
+    singles = [r for r in result.rows if "[" in r["label"]]
+    mixes = [r for r in result.rows if "-mix" in r["label"]]
+    assert {"Q3_K_M", "Q4_K_M", "Q5_K_M"} <= labels
+    assert len(singles) == notes["single_group_candidates"] and mixes
+    assert -1.0 <= notes["spearman_predicted_vs_measured"] <= 1.0
+
+    model = json.loads((tmp_path / "out" / "sweep.json").read_text())["provenance"]["model"]
+    recs = {r["size_class"]: r for r in notes["recommendations"]}
+    for stock in ("Q3_K_M", "Q4_K_M", "Q5_K_M"):
+        limit = quantize_model(model, stock, dry_run=True, threads=1).bits_per_weight * 1.005  # llama.cpp's own size
+        fitting = [r for r in result.rows if r["bits_per_weight"] <= limit + 1e-9]
+        best = min(fitting, key=lambda r: r["kld_mean"])
+        rec = recs[f"{stock}-sized"]
+        assert rec["label"] == best["label"]  # the best measured file that fits, nothing else
+        assert rec["bits_per_weight"] <= limit
+        if "tensor_type_file" in rec:
+            # the recipe file reproduces the recommended file's size with llama.cpp's quantizer
+            overrides = parse_tensor_type_file(open(rec["tensor_type_file"]).read())
+            plan = quantize_model(model, "Q4_K_M", dry_run=True, threads=1, tensor_types=overrides)
+            assert plan.bits_per_weight == pytest.approx(best["bits_per_weight"], rel=1e-9)
+            assert "--tensor-type-file" in rec["command"]
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert 'id="model-card"' in html and "plot-allocation" in html
+    assert math.isfinite(notes["reference_kld"])
