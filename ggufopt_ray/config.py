@@ -28,7 +28,7 @@ class ModelConfig:
 class DatasetConfig:
     source: str = "builtin"  # builtin | local | hf | a plugin name
     path: Optional[str] = None  # local files / glob, or a Hugging Face dataset id or local path
-    langs: list[str] = field(default_factory=lambda: ["en", "code"])
+    langs: list[str] = field(default_factory=lambda: ["en", "code", "de"])  # each chunk is one language
     samples_per_lang: int = 200
     skip: int = 0
     text_field: str = "text"

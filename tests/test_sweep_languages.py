@@ -82,3 +82,23 @@ def test_language_heatmap_renders_in_headless_chromium(language_sweep, tmp_path)
     n_plots = len(list((out / "plots").glob("*.png")))
     assert int(attrs["images"]) == n_plots and int(attrs["loaded"]) == n_plots, attrs
     assert len(re.findall(r"<tr>", proc.stdout.split('id="languages"')[1].split("</table>")[0])) == 3 * len(LANGS) + 1
+
+
+@pytest.mark.slow
+def test_stats_by_language_reads_the_labels_the_sweep_recorded(language_sweep):
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    out, result = language_sweep
+    row = next(r for r in result.rows if r["label"] == "Q4_0")
+    proc = subprocess.run([sys.executable, "-m", "ggufopt_ray.cli", "stats", row["results_store"], "--by-language",
+                           "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    got = {r["lang"]: r for r in json.loads(proc.stdout)["languages"]}
+    table = pd.read_parquet(out / "languages.parquet")
+    for r in table[table["label"] == "Q4_0"].to_dict("records"):
+        assert got[r["lang"]]["kld_mean"] == pytest.approx(r["kld_mean"], rel=1e-9)
+        assert got[r["lang"]]["n_chunks"] == r["n_chunks"]
+    assert json.loads(proc.stdout)["worst_language"] == row["worst_language"]

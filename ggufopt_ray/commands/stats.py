@@ -47,6 +47,12 @@ def register(subparsers) -> None:
     p.add_argument("--to", dest="to_chunk", type=int, default=None, help="last chunk (inclusive)")
     p.add_argument("--per-chunk", action="store_true", help="also print one row per chunk")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--by-language", action="store_true",
+                   help="also one row per language (or data source) of the chunks: mean KLD ± SE, p99, same top, "
+                   "ln PPL ratio, and the worst language; labels come from the store (sweeps record them) or "
+                   "from --chunks-file")
+    p.add_argument("--chunks-file", default=None,
+                   help="the chunks file the baseline was made from (`ggufopt dataset`), for --by-language")
     p.set_defaults(func=run)
 
 
@@ -63,9 +69,12 @@ def run(args) -> int:
     wanted = [i for i in committed if args.from_chunk <= i <= last]
     if not wanted:
         raise UserError(f"no evaluated chunks in {args.from_chunk}..{last}; the store has {committed[0]}..{committed[-1]}")
-    summary = summarize_run([store.read(i) for i in wanted])
+    per_chunk = [store.read(i) for i in wanted]
+    summary = summarize_run(per_chunk)
+    breakdown = _languages(store, args, wanted, per_chunk) if args.by_language else None
     if args.json:
-        print(json.dumps({"chunks": wanted, **summary.to_dict()}, indent=2))
+        extra = {"languages": breakdown.rows(), "worst_language": breakdown.worst_language} if breakdown else {}
+        print(json.dumps({"chunks": wanted, **summary.to_dict(), **extra}, indent=2, default=float))
         return 0
     if args.per_chunk:
         print(f"{'chunk':>5} {'tokens':>7} {'KLD mean':>10} {'median':>10} {'p99':>10} {'same top':>9}")
@@ -74,4 +83,30 @@ def run(args) -> int:
                   f"{100 * c.same_top:>8.2f}%")
         print()
     print(format_summary(summary, title=f"{args.results}: chunks {wanted[0]}..{wanted[-1]}"))
+    if breakdown is not None:
+        print()
+        print(f"{'language':<12} {'chunks':>6} {'KLD mean ± SE (chunks)':>26} {'p99':>10} {'same top':>9} {'ln PPL ratio':>13}")
+        for r in breakdown.rows():
+            print(f"{r['lang']:<12} {r['n_chunks']:>6} {r['kld_mean']:>14.6f} ± {r['kld_mean_chunk_se']:<9.6f} "
+                  f"{r['kld_p99']:>10.6f} {100 * r['same_top']:>8.2f}% {r['ln_ppl_ratio']:>13.5f}")
+        print(f"worst language: {breakdown.worst_language} (mean KLD {breakdown.worst_language_kld:.6f})")
     return 0
+
+
+def _languages(store, args, wanted: list[int], per_chunk: list):
+    """Per-language statistics of the chosen chunks (labels from the store, else --chunks-file)."""
+    from ggufopt_ray.errors import UserError
+    from ggufopt_ray.metrics.languages import summarize_languages
+
+    langs = store.header.get("langs")
+    if not langs and args.chunks_file:
+        from ggufopt_ray.data import load_chunks
+
+        langs = load_chunks(args.chunks_file, "evaluation").langs
+    if not langs:
+        raise UserError(f"{args.results} does not record the chunks' languages; pass --chunks-file with the "
+                        "chunks file the baseline was computed from")
+    if max(wanted) >= len(langs):
+        raise UserError(f"the language labels cover {len(langs)} chunks, the store has chunk {max(wanted)}; "
+                        "pass the --chunks-file the baseline was computed from")
+    return summarize_languages(per_chunk, [langs[i] for i in wanted], n_boot=200)
