@@ -37,15 +37,23 @@ def baseline_payload(engine, tokens: np.ndarray, encoding: str, first: int) -> d
     # predicts nothing. The rows are ours, so the log-softmax overwrites them in place.
     rows = engine.logits(tokens, first=first)[:-1]
     # The reference tokens go in too: encodings keep their exact baseline log-prob (for NLL, Δp).
-    return get_encoding(encoding).encode(log_softmax(rows, out=rows), tokens[first + 1:])
+    # The encoder uses the engine's threads: it runs between decodes, when they are idle.
+    return get_encoding(encoding).encode(log_softmax(rows, out=rows), tokens[first + 1:],
+                                         threads=engine_threads(engine))
 
 
-def compare_logits(rows: np.ndarray, tokens: np.ndarray, payload: dict, encoding: str, first: int) -> dict:
+def engine_threads(engine) -> int:
+    """The CPU threads an engine was given (the KLD step uses the same ones after each decode)."""
+    return max(1, int(getattr(engine, "n_threads", 1) or 1))
+
+
+def compare_logits(rows: np.ndarray, tokens: np.ndarray, payload: dict, encoding: str, first: int,
+                   threads: int = 1) -> dict:
     """Per-token metrics of candidate logit rows (the scored rows) against a baseline payload."""
     from ggufopt_ray.metrics.encodings import get_encoding
 
     targets = np.asarray(tokens)[first + 1:]
-    return get_encoding(encoding).compare(payload, rows, targets).to_arrays()
+    return get_encoding(encoding).compare(payload, rows, targets, threads=threads).to_arrays()
 
 
 def compare_chunk(engine, tokens: np.ndarray, payload: dict, encoding: str, first: int,
@@ -57,7 +65,7 @@ def compare_chunk(engine, tokens: np.ndarray, payload: dict, encoding: str, firs
     """
     tokens = np.asarray(tokens)
     rows = engine.logits(tokens, first=first)[:-1]  # the scored rows only; see baseline_payload
-    out = compare_logits(rows, tokens, payload, encoding, first)
+    out = compare_logits(rows, tokens, payload, encoding, first, threads=engine_threads(engine))
     if keep_logprobs:
         from ggufopt_ray.metrics.kld import log_softmax
 

@@ -137,7 +137,8 @@ class BaselineEncoding:
         """Constructor parameters (JSON-safe), so ``get_encoding(name, **params)`` rebuilds it."""
         return {}
 
-    def encode(self, logprobs: np.ndarray, ref_tokens: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    def encode(self, logprobs: np.ndarray, ref_tokens: np.ndarray | None = None, *,
+               threads: int = 1) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
     def bytes_per_token(self, n_vocab: int, with_ref: bool = True) -> int:
@@ -174,7 +175,7 @@ class ExactEncoding(BaselineEncoding):
 
     name = "exact"
 
-    def encode(self, logprobs, ref_tokens=None):
+    def encode(self, logprobs, ref_tokens=None, *, threads: int = 1):
         return {"logprobs": np.ascontiguousarray(_check_logprobs(logprobs), dtype=np.float32)}
 
     def bytes_per_token(self, n_vocab, with_ref=True):
@@ -192,15 +193,19 @@ class Float16Encoding(BaselineEncoding):
 
     name = "float16"
 
-    def encode(self, logprobs, ref_tokens=None):
+    def encode(self, logprobs, ref_tokens=None, *, threads: int = 1):
         x = _check_logprobs(logprobs)
         n, v = x.shape
         codes = np.empty((n, v), np.float16)
         corr = np.empty(n, np.float32)
-        for r0, r1 in _blocks(n, v):
-            lp = _normalized64(x[r0:r1])
-            codes[r0:r1] = lp
-            corr[r0:r1] = _xent_correction(codes[r0:r1].astype(np.float32), lp)
+
+        def work(blocks):  # row blocks on ``threads`` workers: numpy releases the GIL in each step
+            for r0, r1 in blocks:
+                lp = _normalized64(x[r0:r1])
+                codes[r0:r1] = lp
+                corr[r0:r1] = _xent_correction(codes[r0:r1].astype(np.float32), lp)
+
+        run_row_blocks(n, max(1, BLOCK_ELEMENTS // v), threads, work)
         # the argmax is stored because the top two log-probs may round to the same float16
         out = {"logprobs": codes, "xent_correction": corr,
                "top_id": np.asarray(x).argmax(axis=1).astype(_id_dtype(v))}
@@ -244,7 +249,7 @@ class LlamaCppUint16Encoding(BaselineEncoding):
 
     name = "llamacpp_uint16"
 
-    def encode(self, logprobs, ref_tokens=None):
+    def encode(self, logprobs, ref_tokens=None, *, threads: int = 1):
         x = _check_logprobs(logprobs)
         n, v = x.shape
         codes = np.zeros((n, v), np.uint16)
@@ -334,7 +339,7 @@ class TopKEncoding(BaselineEncoding):
     def params(self):
         return {"k": self.k}
 
-    def encode(self, logprobs, ref_tokens=None):
+    def encode(self, logprobs, ref_tokens=None, *, threads: int = 1):
         x = _check_logprobs(logprobs)
         n, v = x.shape
         k = min(self.k, v)
