@@ -180,7 +180,18 @@ def _build_locked(recipe: Recipe, base_model: str | Path, out: Path, im_hash: st
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     extra: dict = {}
-    if recipe.kind == "quant":
+    if recipe.kind == "quant" and recipe.overrides and not (recipe.pure or recipe.output_type or recipe.embd_type):
+        # A per-tensor mix is assembled from one quantization of the model per type (made once,
+        # kept beside the cache), byte-identical to llama-quantize's file: it costs I/O, not a
+        # quantization per candidate. The sources folder is locked while a mix is built from it.
+        from ggufopt_ray.gguf.assemble import build_mix
+
+        cache_dir, model_fp = out.parent.parent.parent, out.parent.name  # see candidate_path
+        sources = cache_dir / "sources" / model_fp / (im_hash or "no-imatrix")
+        with file_lock(sources):
+            build_mix(base_model, out, recipe.ftype, list(recipe.overrides), imatrix=imatrix if im_hash else None,
+                      sources_dir=sources, threads=threads)
+    elif recipe.kind == "quant":
         from ggufopt_ray.engine.quantize import quantize_model
 
         quantize_model(base_model, recipe.ftype, out, imatrix=imatrix if im_hash else None,

@@ -238,8 +238,14 @@ def test_exported_baseline_is_read_by_llama_perplexity(tools, work, llama_kld, c
     capsys.readouterr()
     theirs_file, theirs_out = llama_kld
     ours_out = _llama_kld(tools, exported, work["q4"])  # the same chunks as llama's own file
-    for label in ("Mean    KLD", "Maximum KLD", "99.0%   KLD", "Median  KLD", "Mean PPL(base)"):
-        assert _stat(ours_out, label) == pytest.approx(_stat(theirs_out, label), rel=1e-5, abs=2e-6), label
+    # Our base file's logits come from llama-cpp-python's build of llama.cpp, llama's own from the
+    # tools .ci/build-llama-tools builds: the same source, but the two builds round a few logits
+    # differently, and ~0.2% of the uint16 codes differ by one. A percentile picks one token, so it
+    # moves with them: on this machine p99 differs by 1.75e-5 relative (the old tree gives the same
+    # with these builds). Means average that away and stay at 1e-5.
+    for label, rel in (("Mean    KLD", 1e-5), ("Maximum KLD", 1e-5), ("99.0%   KLD", 5e-5), ("Median  KLD", 5e-5),
+                       ("Mean PPL(base)", 1e-5)):
+        assert _stat(ours_out, label) == pytest.approx(_stat(theirs_out, label), rel=rel, abs=2e-6), label
     ours, theirs = read_kld_base(exported), read_kld_base(theirs_file)
     assert (ours.n_ctx, ours.n_vocab, ours.n_chunk) == (theirs.n_ctx, theirs.n_vocab, theirs.n_chunk)
     np.testing.assert_array_equal(ours.tokens[:, 1:], theirs.tokens[:, 1:])  # BOS slots aside

@@ -67,10 +67,12 @@ def test_distributed_numbers_equal_single_machine(sweep_run, tiny_model):
     settings = RuntimeSettings(n_ctx=128, n_batch=128, n_ubatch=128, n_threads=1)
     first = 64
     with LogitsEngine(model, settings) as base:
-        payloads = [baseline_payload(base, c, cfg.metrics.encoding, first) for c in ev.chunks]
+        encoding = result.rows[0]["prov.encoding"]  # what metrics.encoding=auto resolved to
+        assert encoding == "float16"
+        payloads = [baseline_payload(base, c, encoding, first) for c in ev.chunks]
     for row in result.rows:
         with LogitsEngine(row["candidate_path"], settings) as cand:
-            per_chunk = [compare_chunk(cand, c, p, cfg.metrics.encoding, first) for c, p in zip(ev.chunks, payloads)]
+            per_chunk = [compare_chunk(cand, c, p, encoding, first) for c, p in zip(ev.chunks, payloads)]
         single = summarize(per_chunk)
         for key in STATS:
             np.testing.assert_allclose(row[key], single[key], rtol=1e-6, err_msg=f"{row['label']} {key}")
@@ -256,6 +258,7 @@ def test_a_baseline_too_big_for_the_object_store_is_flagged(ray_local):
     from ggufopt_ray.sweep import _check_baseline_footprint, baseline_footprint
 
     cfg = SweepConfig()
+    cfg.metrics.encoding = "float16"
     cfg.model.n_ctx, first, vocab = 512, 256, 128256
     per_chunk = baseline_footprint("float16", 1, 255, vocab)
     assert per_chunk == 255 * get_encoding("float16").bytes_per_token(vocab)

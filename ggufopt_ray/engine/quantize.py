@@ -508,6 +508,14 @@ def _quantize(model: Path, outputs: list[tuple[str, Path]], *, imatrix=None, ten
         if requant and not allow_requantize:
             raise UserError(f"{model.name} is already quantized ({requant[0]} is {table.types[requant[0]]}); "
                             "quantize the F32/F16/BF16 original, or pass allow_requantize / --allow-requantize")
+        # ggml aborts the whole process (a Ray worker too) when an IQ1/IQ2-class type gets a tensor
+        # without importance data; llama.cpp exempts token_embd/output from its own check.
+        bare = [n for n in ("token_embd.weight", "output.weight")
+                if plan.tensor_types.get(n) in _IMATRIX_TYPES and (im_data is None or n not in im_data)]
+        if bare:
+            raise UserError(f"{bare[0]} would be {plan.tensor_types[bare[0]]}, which needs importance data that "
+                            f"{'the imatrix lacks' if im_data is not None else 'there is none of'}; give it another "
+                            "type (e.g. Q4_K) with --tensor-type or --token-embedding-type/--output-tensor-type")
         need = _requires_imatrix(plan, tname)
         if need and im is None:
             raise UserError(f"{tname} needs an importance matrix (llama.cpp refuses IQ1/IQ2-class types, "

@@ -19,21 +19,27 @@ What makes this exact rather than approximate:
   Q5_0) and the imatrix-dependent rules (IQ4_XS's first ffn_down layers) come along too.
 - **Sources** (:func:`ensure_sources`) are quantized with the override ``.*=TYPE`` on a Q8_0 base:
   every quantizable tensor takes TYPE (tensors it cannot fit get their fallback, which a plan never
-  asks of that source). ``--pure`` would give the same bytes but needs a file type whose base is
-  TYPE, which Q6_K-as-ggml-type, Q8_0, F16, Q5_1... do not all have. A source is made with the
-  same imatrix as the mix, since the imatrix changes the bytes of almost every type.
+  asks of that source). ``--pure`` gives the same bytes (tested) but needs a file type whose base
+  type is TYPE, which Q5_1, Q4_0-as-override, F16... do not all have. A source is made with the
+  same imatrix as the mix, since the imatrix changes the bytes of almost every type. ggml aborts
+  the process on IQ2_XXS/IQ2_XS/IQ1_S without importance data, so those sources leave the tensors
+  without data (token_embd, usually output) at Q8_0, and mixes that would abort are refused.
+  Source names hold everything that decides their bytes (model fingerprint, type, imatrix hash,
+  overrides), so an existing one is reused as it is.
 - **The header** follows ``llama_model_quantize_impl``/``gguf_write_out``: the input's key-value
   pairs in order, then ``general.quantization_version`` and ``general.file_type`` re-set (removed and
   appended), the ``split.*`` keys dropped, then the KV overrides llama-quantize adds (the
   ``quantize.imatrix.*`` keys); tensors in the loader's order (layer number, then name); ``n_dims``
   without trailing 1s; every tensor padded to 32 bytes.
 
-The pure I/O part (:func:`assemble_mix`) reads and writes GGUF only; the helpers that ask llama.cpp
-for a plan or make sources import the engine lazily.
+The pure I/O part (:func:`assemble_mix`) reads and writes GGUF only (headers cached per file, data
+copied with ``copy_file_range``); the helpers that ask llama.cpp for a plan or make sources import
+the engine lazily.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -53,6 +59,8 @@ _SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
 # ggml types llama.cpp will not quantize a tensor to without importance data (token_embd/output exempt)
 _IMATRIX_TYPES = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"}
 _EXEMPT_PATTERN = r"^(token_embd|per_layer_token_embd|output)\.weight$"
+# ...and those ggml cannot quantize at all without importance data (GGML_ASSERT in ggml-quants.c)
+_NEEDS_WEIGHTS = {"IQ2_XXS", "IQ2_XS", "IQ1_S"}
 _BLK = re.compile(r"^blk\.\s*([+-]?\d+)")
 _COPY_CHUNK = 64 << 20
 
@@ -154,6 +162,14 @@ class _TensorRef:
 
 
 def _read_tensors(path: Path) -> tuple[object, dict[str, _TensorRef]]:
+    """The header of ``path`` and its tensors by name; cached per (path, size, mtime), since a sweep
+    assembles many mixes from the same model and sources and a big vocabulary makes headers slow."""
+    st = Path(path).stat()
+    return _read_tensors_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_tensors_cached(path: str, size: int, mtime_ns: int) -> tuple[object, dict[str, _TensorRef]]:
     from ggufopt_ray.gguf.inspect import open_reader
 
     reader = open_reader(path)
@@ -374,25 +390,45 @@ def mix_plan(model: str | Path, base_type: str, overrides=(), *, imatrix=None) -
 
 
 def source_path(sources_dir: str | Path, model: str | Path, qtype: str, imatrix_hash: str | None,
-                model_fp: str | None = None) -> Path:
-    """Where the source of ggml type ``qtype`` lives: named by model fingerprint, type and imatrix."""
-    from ggufopt_ray.gguf.inspect import model_fingerprint
-
-    fp = model_fp or model_fingerprint(model)
+                model_fp: str, overrides: Sequence[str]) -> Path:
+    """Where the source of ggml type ``qtype`` lives, named by everything that decides its bytes:
+    the model's fingerprint, the type, the imatrix hash and the overrides that made it."""
+    how = hashlib.sha256("\n".join(overrides).encode()).hexdigest()[:8]
     stem = Path(model).stem
-    return Path(sources_dir) / f"{stem}-{fp[:12]}-src-{qtype.upper()}-{imatrix_hash or 'noimx'}.gguf"
+    return Path(sources_dir) / f"{stem}-{model_fp[:12]}-src-{qtype.upper()}-{imatrix_hash or 'noimx'}-{how}.gguf"
 
 
-def source_overrides(qtype: str, has_imatrix: bool) -> list[str]:
+def source_overrides(qtype: str, shapes: Mapping[str, Sequence[int]], imatrix=None) -> list[str]:
     """The overrides that give every quantizable tensor ``qtype`` on a :data:`SOURCE_FILE_TYPE` base.
 
-    Without an imatrix, IQ1/IQ2/IQ3_XXS types cover only token_embd/output (the only tensors llama.cpp
-    lets have them without one); a mix that wants them elsewhere is refused by its plan anyway.
+    Two llama.cpp limits shape them. IQ1/IQ2/IQ3_XXS types are refused without an imatrix except on
+    token_embd/output, so without one the source covers only those. And ggml *aborts the process*
+    when IQ2_XXS, IQ2_XS or IQ1_S meet a tensor that has no importance data (token_embd never has
+    any, output only with --process-output): those tensors are sent to Q8_0 first (the first
+    matching override wins), since no mix llama-quantize can write gives them that type.
     """
     qtype = qtype.upper()
-    if qtype in _IMATRIX_TYPES and not has_imatrix:
+    if qtype in _IMATRIX_TYPES and imatrix is None:
+        if qtype in _NEEDS_WEIGHTS:
+            raise UserError(f"{qtype} needs an importance matrix for every tensor it quantizes (ggml aborts "
+                            "without one); pass --imatrix")
         return [f"{_EXEMPT_PATTERN}={qtype}"]
+    if qtype in _NEEDS_WEIGHTS:
+        bare = [n for n in _without_importance(shapes, imatrix) if ggml_n_dims(shapes[n]) >= 2]
+        if bare:
+            return [f"^({'|'.join(re.escape(n) for n in bare)})$={SOURCE_FILE_TYPE}", f".*={qtype}"]
     return [f".*={qtype}"]
+
+
+def _without_importance(shapes: Mapping[str, Sequence[int]], imatrix) -> list[str]:
+    """Tensors llama.cpp would quantize with no importance row: absent, or of the wrong size."""
+    have = set()
+    if imatrix is not None:
+        for name, e in imatrix.entries.items():
+            ne = list(shapes.get(name, [])) + [1, 1, 1]
+            if name in shapes and e.size == ne[0] * ne[2]:
+                have.add(name)
+    return [n for n in shapes if n not in have]
 
 
 def ensure_sources(model: str | Path, types, sources_dir: str | Path, *, imatrix=None, threads: int | None = None,
@@ -400,8 +436,8 @@ def ensure_sources(model: str | Path, types, sources_dir: str | Path, *, imatrix
     """Make (or find) one source file per ggml type in ``types``; return {type: path} and seconds spent.
 
     ``imatrix`` is an Imatrix or the path of one; every source is quantized with it, because it
-    changes the bytes. Existing sources with the same recipe are reused (quantize_model checks the
-    recipe it stored in them).
+    changes the bytes. A source that exists is reused without being read: its name holds everything
+    that decides its bytes (and :func:`assemble_mix` checks each tensor's type and shape).
     """
     from ggufopt_ray.engine.quantize import _load_imatrix_arg, quantize_model, resolve_tensor_type
     from ggufopt_ray.gguf.inspect import model_fingerprint
@@ -411,6 +447,8 @@ def ensure_sources(model: str | Path, types, sources_dir: str | Path, *, imatrix
     im, _ = _load_imatrix_arg(imatrix)
     im_hash = im.hash() if im is not None else None
     fp = model_fingerprint(model)
+    _, refs = _read_tensors(Path(model))
+    shapes = {n: r.shape for n, r in refs.items()}
     wanted = sorted({resolve_tensor_type(t)[0] for t in types})
     out: dict[str, Path] = {}
     spent = 0.0
@@ -423,10 +461,12 @@ def ensure_sources(model: str | Path, types, sources_dir: str | Path, *, imatrix
         bar = tqdm(total=len(wanted), desc="sources", unit="type", file=sys.stderr)
     try:
         for qtype in wanted:
-            path = source_path(folder, model, qtype, im_hash, fp)
-            res = quantize_model(model, SOURCE_FILE_TYPE, path, tensor_types=source_overrides(qtype, im is not None),
-                                 imatrix=imatrix, threads=threads)
-            spent += res.seconds
+            overrides = source_overrides(qtype, shapes, im)
+            path = source_path(folder, model, qtype, im_hash, fp, overrides)
+            if not path.exists():  # the name is content-addressed: an existing file is the same source
+                res = quantize_model(model, SOURCE_FILE_TYPE, path, tensor_types=overrides, imatrix=im,
+                                     threads=threads, overwrite=True)
+                spent += res.seconds
             out[qtype] = path
             if bar is not None:
                 bar.update(1)
@@ -479,16 +519,24 @@ def build_mix(model: str | Path, out: str | Path, base_type: str, overrides=(), 
         raise UserError(f"output folder {out.parent} does not exist; create it first")
     base_name, ftype = resolve_file_type(base_type)
     patterns = binary_patterns(overrides)
+    im, _ = _load_imatrix_arg(imatrix)
     t0 = time.perf_counter()
-    plan = mix_plan(model, base_name, patterns, imatrix=imatrix)
+    plan = mix_plan(model, base_name, patterns, imatrix=im)
     plan_seconds = time.perf_counter() - t0
 
-    im, _ = _load_imatrix_arg(imatrix)
     extra_kv: list[tuple[str, object]] = []
+    label = None
     if im is not None:
         label = f"ggufopt:{im.hash()}" if isinstance(imatrix, Imatrix) else str(imatrix)
         extra_kv = binary_imatrix_kv(im, label)
     _, base_refs = _read_tensors(model)
+    shapes = {n: r.shape for n, r in base_refs.items()}
+    bare = set(_without_importance(shapes, im))
+    doomed = [n for n, t in plan.items() if t in _NEEDS_WEIGHTS and n in bare and t != base_refs[n].type_name]
+    if doomed:
+        raise UserError(f"{plan[doomed[0]]} for {doomed[0]} needs importance data that "
+                        + ("no imatrix was given for" if im is None else "the imatrix lacks")
+                        + " (llama-quantize would abort); give that tensor another type")
     needed = sorted({t for n, t in plan.items() if t != base_refs[n].type_name})
     folder = Path(sources_dir) if sources_dir is not None else out.parent / "ggufopt-sources"
     sources, source_seconds = ensure_sources(model, needed, folder, imatrix=im, threads=threads, progress=progress)
@@ -497,8 +545,9 @@ def build_mix(model: str | Path, out: str | Path, base_type: str, overrides=(), 
         path=done.path, base_type=base_name, overrides=patterns, size_bytes=done.size_bytes,
         bits_per_weight=done.bits_per_weight, assemble_seconds=done.seconds, plan_seconds=plan_seconds,
         source_seconds=source_seconds,
+        # an in-memory Imatrix has no file: the command names where to save it (Imatrix.save)
         command=llama_quantize_command(model, out, base_name, patterns,
-                                       imatrix if im is not None and not isinstance(imatrix, Imatrix) else None),
+                                       label if not isinstance(imatrix, Imatrix) else f"imatrix-{im.hash()}.gguf"),
         sources={t: str(p) for t, p in sources.items()}, tensor_types=dict(plan))
 
 

@@ -40,6 +40,7 @@ from ggufopt_ray.mixes import MixSizer
 from ggufopt_ray.searches.base import Search, TrialPlan, check_quant_types, register_search
 
 _NOT_QUANTIZED = {"F32", "F16", "BF16"}
+_NEEDS_DATA = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"}  # per-tensor importance data required
 
 
 @dataclass
@@ -98,12 +99,16 @@ class Allocate(Search):
         self.columns = [KEEP] + self.types
         self.nbytes = np.zeros((len(self.groups), len(self.columns)), dtype=np.int64)
         self.same_as_base: set[tuple[str, str]] = set()
+        self.not_allowed: set[tuple[str, str]] = set()
         for gi, g in enumerate(self.groups):
             for ti, t in enumerate(self.columns):
                 chosen = self.sizer.base_types if t == KEEP else self.sizer.tensor_types([g.override(t)])
                 self.nbytes[gi, ti] = sum(self.sizer.tensor_bytes(n, chosen[n]) for n in g.tensors)
                 if t != KEEP and all(chosen[n] == self.sizer.base_types[n] for n in g.tensors):
                     self.same_as_base.add((g.name, t))  # the reference itself: nothing to measure
+                if t in _NEEDS_DATA and g.kind in ("token_embd", "output"):
+                    self.same_as_base.discard((g.name, t))
+                    self.not_allowed.add((g.name, t))  # never has importance data: llama.cpp would abort
         self.size_classes = []
         for s in c.sizes:
             kind, value = _size_spec(s)
@@ -115,7 +120,7 @@ class Allocate(Search):
                 name = f"{value:g} bpw"
             self.size_classes.append(SizeClass(name, int(stock * (1 + c.size_tolerance))))
         self.stock_types = list(dict.fromkeys([c.base_type] + [v for k, v in map(_size_spec, c.sizes) if k == "type"]))
-        n_single = len(self.groups) * len(self.types) - len(self.same_as_base)
+        n_single = len(self.groups) * len(self.types) - len(self.same_as_base) - len(self.not_allowed)
         self.notes["allocate"] = {"groups": [g.name for g in self.groups], "types": self.types,
                                   "size_classes": [{"name": s.name, "max_bytes": s.max_bytes} for s in self.size_classes],
                                   "single_group_candidates": n_single}
@@ -131,7 +136,7 @@ class Allocate(Search):
         out = [{"kind": "stock", "ftype": t} for t in self.stock_types]
         for g in self.groups:
             for t in self.types:
-                if (g.name, t) not in self.same_as_base:
+                if (g.name, t) not in self.same_as_base and (g.name, t) not in self.not_allowed:
                     out.append({"kind": "single", "group": g.name, "type": t})
         return out
 
