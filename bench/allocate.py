@@ -81,7 +81,7 @@ def main(argv=None) -> int:
         cfg.model.n_ctx = cfg.model.n_batch = cfg.model.n_ubatch = 256
         cfg.dataset.source, cfg.dataset.path, cfg.dataset.langs = "local", str(SHARED / "corpus" / "eval.txt"), ["text"]
         cfg.dataset.eval_chunks, cfg.dataset.calib_chunks = 16, 1
-        alloc = search_config("allocate", sizes=SIZES, n_bands=2, max_measurements=12)
+        alloc = search_config("allocate", sizes=SIZES, n_bands=2, max_measurements=24)
     cfg.search = alloc
     start_ray(cfg.cluster)
     t0 = time.perf_counter()

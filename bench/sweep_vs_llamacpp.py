@@ -377,15 +377,21 @@ def run_model(name: str, model: Path, raw_text: str, types: list[str], n_ctx: in
     with VocabTokenizer(model) as tok:
         text = text_prefix(tok, raw_text, n_ctx, n_chunks, work / "text.txt")
     sides = ["loop", "ours"] if loop_first else ["ours", "loop"]
-    res = {}
+    res, load = {}, {}
     for side in sides:
         print(f"[{name}] running {side} ...", file=sys.stderr, flush=True)
+        before = os.getloadavg()[0]
         if side == "loop":
             res["loop"] = llama_loop(tools, model, text, types, n_ctx, n_chunks, threads, work / "loop")
         else:
             res["ours"] = our_sweep(model, text, types, n_ctx, n_chunks, work / "ours")
+        # the machine's 1-minute load average around each side: on a shared machine, a side that ran
+        # while others were busy is slower for reasons that are not its own
+        load[side] = {"before": before, "after": os.getloadavg()[0]}
     r = compare(name, model, types, n_ctx, n_chunks, res["loop"], res["ours"])
-    r["order"] = sides
+    r["order"], r["load_average"] = sides, load
+    print(f"load average (1 min) around each side: " + ", ".join(
+        f"{k} {v['before']:.1f} -> {v['after']:.1f}" for k, v in load.items()) + f" on {threads} CPUs")
     print_model(r)
     return r
 
