@@ -17,10 +17,6 @@ import numpy as np
 from ggufopt_ray.config import MetricsConfig
 
 
-def scored_rows(n_tokens: int, first: int) -> slice:
-    return slice(first, n_tokens - 1)
-
-
 def encoding_params(name: str) -> dict:
     from ggufopt_ray.metrics.encodings import get_encoding
 
