@@ -21,6 +21,7 @@ from pathlib import Path
 from ggufopt_ray.config import SweepConfig
 from ggufopt_ray.errors import UserError
 from ggufopt_ray.run_dir import claim_run_dir
+from ggufopt_ray.store.locks import file_lock
 from ggufopt_ray.searches import Search, SearchFacts, make_search
 
 def default_cache_dir() -> Path:
@@ -41,7 +42,9 @@ def resolve_model(cfg: SweepConfig, cache: Path) -> Path:
     path = cache / "models" / f"synth-seed{cfg.model.synth_seed}-{cfg.model.synth_dtype}.gguf"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_synthetic_model(path, SynthSpec(seed=cfg.model.synth_seed, dtype=cfg.model.synth_dtype))
+        with file_lock(path):  # another sweep on this cache may be writing it
+            if not path.exists():
+                write_synthetic_model(path, SynthSpec(seed=cfg.model.synth_seed, dtype=cfg.model.synth_dtype))
     return path
 
 
@@ -66,8 +69,10 @@ def prepare_data(cfg: SweepConfig, model_path: Path, cache: Path):
     out.parent.mkdir(parents=True, exist_ok=True)
     params = ChunkParams(n_ctx=cfg.model.n_ctx, n_calibration=d.calib_chunks, n_evaluation=d.eval_chunks,
                          seed=d.seed)
-    f = prepare_chunks(out, model_path=model_path, source=src, langs=list(d.langs),
-                       samples_per_lang=d.samples_per_lang, skip=d.skip, params=params)
+    # Sweeps sharing a cache: one builds the chunks (and the corpus they come from), the others wait.
+    with file_lock(out):
+        f = prepare_chunks(out, model_path=model_path, source=src, langs=list(d.langs),
+                           samples_per_lang=d.samples_per_lang, skip=d.skip, params=params)
     ev = load_chunks(f.path, "evaluation", n_ctx=cfg.model.n_ctx)
     cal = load_chunks(f.path, "calibration", n_ctx=cfg.model.n_ctx) if d.calib_chunks else None
     return ev, cal
@@ -172,7 +177,6 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
     from ggufopt_ray.gguf.inspect import inspect_model, model_fingerprint
     from ggufopt_ray.report.tables import finalize_results
     from ggufopt_ray.store.baseline import BaselineStore, baseline_identity, tensor_signature
-    from ggufopt_ray.store.locks import file_lock
 
     t0 = time.perf_counter()
     search = validate(cfg)
