@@ -38,6 +38,23 @@ def main(cfg) -> None:
         sys.exit(2)
 
 
+def check_output_dir(argv: list[str]) -> None:
+    """``output_dir=...`` is Hydra's run directory, which Hydra creates before the sweep starts:
+    a path that cannot be created would end in Hydra's traceback. Say it in one line instead."""
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") != "output_dir" or value in ("", "null", "None"):
+            continue
+        path = Path(value).expanduser()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            print(f"sweep: error: cannot create output_dir {path} ({exc.strerror or exc}); choose a writable "
+                  "output_dir", file=sys.stderr)
+            sys.exit(2)
+
+
 if __name__ == "__main__":
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    check_output_dir(sys.argv[1:])
     main()

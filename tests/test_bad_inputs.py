@@ -244,6 +244,7 @@ CASES = [
         ("scheduler", ["search.scheduler=hyperband"], r"search.scheduler must be none, asha or median", None),
         ("stale-output", [], r"holds a sweep with other settings: .*search.types", _other_sweep_in_output),
         ("unknown-output", [], r"holds results of an unknown sweep", _foreign_results_in_output),
+        ("unwritable-output", ["output_dir={tmp}/afile/out"], r"cannot create output_dir .*afile/out", _a_file("afile")),
     ]],
 ]
 
