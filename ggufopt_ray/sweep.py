@@ -333,9 +333,9 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
 
 def baseline_footprint(encoding: str, n_chunks: int, scored_per_chunk: int, n_vocab: int) -> int:
     """Bytes the baseline keeps in the object store (and on disk) for these chunks."""
-    from ggufopt_ray.metrics.encodings import get_encoding
+    from ggufopt_ray.metrics.memory_plan import baseline_bytes
 
-    return int(n_chunks * scored_per_chunk * get_encoding(encoding).bytes_per_token(n_vocab))
+    return baseline_bytes(encoding, n_vocab, n_chunks * scored_per_chunk)
 
 
 def _check_baseline_footprint(cfg: SweepConfig, n_chunks: int, first: int, n_vocab: int, log) -> None:

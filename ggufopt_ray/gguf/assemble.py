@@ -231,6 +231,16 @@ class AssembledFile:
         return 8.0 * self.tensor_bytes / self.n_params if self.n_params else 0.0
 
 
+def _check_output(out) -> Path:
+    """The output path, refused in one line unless it is a .gguf in an existing folder."""
+    out = Path(out)
+    if out.suffix.lower() != ".gguf":
+        raise UserError(f"output path {out} must end in .gguf")
+    if not out.parent.is_dir():
+        raise UserError(f"output folder {out.parent} does not exist; create it first")
+    return out
+
+
 def assemble_mix(model: str | Path, out: str | Path, tensor_types: Mapping[str, str],
                  sources: Mapping[str, str | Path], *, file_type: int,
                  extra_kv: Sequence[tuple[str, object]] = ()) -> AssembledFile:
@@ -247,11 +257,7 @@ def assemble_mix(model: str | Path, out: str | Path, tensor_types: Mapping[str, 
 
     t0 = time.perf_counter()
     model = check_gguf_file(model)
-    out = Path(out)
-    if out.suffix.lower() != ".gguf":
-        raise UserError(f"output path {out} must end in .gguf")
-    if not out.parent.is_dir():
-        raise UserError(f"output folder {out.parent} does not exist; create it first")
+    out = _check_output(out)
     reader, base = _read_tensors(model)
     if int(reader.alignment) != ALIGNMENT:
         raise UserError(f"{model} declares general.alignment={reader.alignment}; llama-quantize writes "
@@ -512,11 +518,7 @@ def build_mix(model: str | Path, out: str | Path, base_type: str, overrides=(), 
     from ggufopt_ray.gguf.inspect import check_gguf_file
 
     model = check_gguf_file(model)
-    out = Path(out)
-    if out.suffix.lower() != ".gguf":
-        raise UserError(f"output path {out} must end in .gguf")
-    if not out.parent.is_dir():
-        raise UserError(f"output folder {out.parent} does not exist; create it first")
+    out = _check_output(out)
     base_name, ftype = resolve_file_type(base_type)
     patterns = binary_patterns(overrides)
     im, _ = _load_imatrix_arg(imatrix)
