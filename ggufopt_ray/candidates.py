@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ggufopt_ray.calibration import mix_file_label
 from ggufopt_ray.errors import UserError
 from ggufopt_ray.store.locks import file_lock
 
@@ -33,6 +34,9 @@ class Recipe:
     embd_type: Optional[str] = None
     pure: bool = False
     imatrix_chunks: int = 0  # quant: calibration chunks in the importance matrix (0 = none)
+    # quant: a calibration mix, ((language, share), ...) over imatrix_chunks chunks (see
+    # ggufopt_ray.calibration); empty = the first imatrix_chunks chunks of the calibration set
+    imatrix_mix: tuple[tuple[str, float], ...] = ()
     zfp_mode: Optional[str] = None  # zfp: rate | precision | accuracy | reversible
     zfp_value: Optional[float] = None  # zfp: the rate, precision or tolerance
     zfp_dims: int = 2
@@ -63,17 +67,24 @@ class Recipe:
             parts.append("pure")
         if self.imatrix_chunks:
             parts.append(f"imx{self.imatrix_chunks}")
+        if self.imatrix_mix:
+            parts.append(mix_file_label(self.imatrix_mix))
         return "-".join(parts)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["overrides"] = list(self.overrides)
+        if self.imatrix_mix:
+            d["imatrix_mix"] = [[lang, share] for lang, share in self.imatrix_mix]
+        else:
+            del d["imatrix_mix"]  # keeps the keys (and caches) of recipes made before mixes existed
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
         d = dict(d)
         d["overrides"] = tuple(d.get("overrides") or ())
+        d["imatrix_mix"] = tuple((str(lang), float(share)) for lang, share in d.get("imatrix_mix") or ())
         return cls(**d)
 
     def key(self) -> str:
@@ -84,6 +95,8 @@ class Recipe:
             raise UserError(f"recipe kind must be base, quant or zfp, not {self.kind!r}")
         if self.kind == "quant" and not self.ftype:
             raise UserError("a quant recipe needs a file type, e.g. Q4_K_M")
+        if self.imatrix_mix and not self.imatrix_chunks:
+            raise UserError("a calibration mix needs a total number of chunks (imatrix_chunks > 0)")
         if self.kind == "zfp" and not self.zfp_mode:
             raise UserError("a zfp recipe needs a mode: rate, precision, accuracy or reversible")
 

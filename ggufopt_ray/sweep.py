@@ -201,7 +201,7 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
     cpus = local_cpus(cfg.cluster)
     speed = search.trial_kind == "speed"
     search.prepare(SearchFacts(model_path=str(model_path), n_layer=_n_layer(model_path), n_ctx=cfg.model.n_ctx,
-                               n_calib=len(cal) if cal else 0,
+                               n_calib=len(cal) if cal else 0, calib_langs=tuple(cal.langs) if cal else (),
                                n_threads=int(cfg.cluster.trial_cpus or (cpus if speed else 1)),
                                n_gpu_layers=cfg.model.n_gpu_layers, flash_attn=cfg.model.flash_attn,
                                cache_dir=str(cache), eval_tokens=tuple(ev.chunks)), log)
@@ -269,9 +269,11 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
                        encoding=cfg.metrics.encoding, first=first, metrics=cfg.metrics, search=search,
                        cluster=cfg.cluster, langs=list(ev.langs),
                        cache_dir=str(cache), calib_tokens=list(cal.chunks) if cal else [],
-                       calib_fingerprint=cal.fingerprint if cal else "", versions=ver,
+                       calib_fingerprint=cal.fingerprint if cal else "", calib_langs=list(cal.langs) if cal else [],
+                       versions=ver,
                        trial_cpus=cfg.cluster.trial_cpus, events_path=str(output_dir / "events.jsonl"))
-    racing = racing_config(cfg.metrics, len(ev), search.n_trials()) if search.trial_kind == "quality" else None
+    racing = (racing_config(cfg.metrics, len(ev), search.n_trials())
+              if search.trial_kind == "quality" and search.races() else None)
     if racing is not None:
         ctx.racing, ctx.board = racing, start_board(output_dir, uuid.uuid4().hex[:6])
     from ray import tune
@@ -307,6 +309,8 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
     rows, best, pareto = finalize_results(outcome.rows, outcome.history, output_dir, provenance,
                                           bub=search.table_kind() == "speed", **search.finalize_options())
     search_notes = {**search.notes, **search.finish(outcome.rows, t_trials)}
+    for line in search.summary_lines(search_notes):
+        log(line)
     write_language_table(rows, output_dir)
     if best and best.get("imatrix_growth"):
         g = best["imatrix_growth"]

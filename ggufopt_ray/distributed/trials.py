@@ -23,11 +23,13 @@ import numpy as np
 import ray
 from ray import tune
 
+from ggufopt_ray.calibration import combine_parts, mix_file_label, mix_label, mix_parts
 from ggufopt_ray.candidates import Candidate, Recipe
 from ggufopt_ray.config import ClusterConfig, MetricsConfig
 from ggufopt_ray.distributed.race import prefix_values
 from ggufopt_ray.distributed.tasks import build_candidate_task, build_imatrix_task, fetch_to_local, task_options
 from ggufopt_ray.engine import LogitsEngine, RuntimeSettings
+from ggufopt_ray.engine.imatrix import load_imatrix
 from ggufopt_ray.errors import UserError
 from ggufopt_ray.evaluation import EvaluationRun, evaluate_candidate, stop_decision, summarize
 from ggufopt_ray.metrics.languages import group_by_language, summarize_languages
@@ -54,6 +56,7 @@ class TrialContext:
     cache_dir: str
     calib_tokens: list = field(default_factory=list)
     calib_fingerprint: str = ""
+    calib_langs: list = field(default_factory=list)  # language (or source) of each calibration chunk
     versions: dict = field(default_factory=dict)
     trial_cpus: float = 1.0
     events_path: str = ""  # append-only journal of what ran where (JSON lines)
@@ -78,21 +81,49 @@ def log_event(ctx: TrialContext, event: str, **fields) -> None:
         os.close(fd)
 
 
-def _imatrix_path(ctx: TrialContext, n_chunks: int) -> str:
-    return str(Path(ctx.cache_dir) / "imatrix" / ctx.model_fp / f"{ctx.calib_fingerprint}-{n_chunks}.gguf")
+def _imatrix_path(ctx: TrialContext, n_chunks: int, part: str = "") -> str:
+    name = f"{ctx.calib_fingerprint}-{part + '-' if part else ''}{n_chunks}.gguf"
+    return str(Path(ctx.cache_dir) / "imatrix" / ctx.model_fp / name)
+
+
+def _collect(ctx: TrialContext, chunks: list, path: str, name: str) -> str:
+    """Collect (or find in the cache) the imatrix of ``chunks`` on a CPU task; its local path."""
+    im = ray.get(build_imatrix_task.options(**task_options(ctx.cluster, name)).remote(
+        ctx.base_model, chunks, path, ctx.settings.n_ctx, 1))
+    return fetch_to_local(im["path"], im["node_id"])
+
+
+def prepare_imatrix(recipe: Recipe, ctx: TrialContext) -> str | None:
+    """The local path of the importance matrix ``recipe`` asks for (None when it needs none).
+
+    A plain recipe takes the first ``imatrix_chunks`` calibration chunks. A calibration mix is
+    combined from per-language collections (each language's chunk prefix collected once, shared
+    by every mix that needs it; see :mod:`ggufopt_ray.calibration`)."""
+    k = int(recipe.imatrix_chunks)
+    if not k:
+        return None
+    if not recipe.imatrix_mix:
+        if k > len(ctx.calib_tokens):
+            raise UserError(f"an imatrix of {k} chunks needs {k} calibration chunks; the dataset has "
+                            f"{len(ctx.calib_tokens)} (raise dataset.calib_chunks)")
+        return _collect(ctx, ctx.calib_tokens[:k], _imatrix_path(ctx, k), f"imatrix-{k}")
+    parts = mix_parts(recipe.imatrix_mix, k, ctx.calib_langs)
+    out = Path(_imatrix_path(ctx, k, "mix" + recipe.key()))
+    if out.exists():
+        return str(out)
+    paths = [_collect(ctx, [ctx.calib_tokens[i] for i in p.indices],
+                      _imatrix_path(ctx, len(p.indices), "lang-" + mix_file_label([(p.lang, 1.0)])),
+                      f"imatrix-{p.lang}-{len(p.indices)}") for p in parts]
+    mixed = combine_parts(parts, [load_imatrix(p) for p in paths], label="mix:" + mix_label(recipe.imatrix_mix))
+    tmp = out.with_name(f"{out.stem}.{os.getpid()}.partial{out.suffix}")
+    mixed.save(tmp)
+    tmp.replace(out)
+    return str(out)
 
 
 def prepare_candidate(recipe: Recipe, ctx: TrialContext) -> Candidate:
     """Build (or fetch from the cache) the candidate file on a CPU task, local to this trial."""
-    im_path = None
-    if recipe.imatrix_chunks:
-        k = int(recipe.imatrix_chunks)
-        if k > len(ctx.calib_tokens):
-            raise UserError(f"an imatrix of {k} chunks needs {k} calibration chunks; the dataset has "
-                            f"{len(ctx.calib_tokens)} (raise dataset.calib_chunks)")
-        im = ray.get(build_imatrix_task.options(**task_options(ctx.cluster, f"imatrix-{k}")).remote(
-            ctx.base_model, ctx.calib_tokens[:k], _imatrix_path(ctx, k), ctx.settings.n_ctx, 1))
-        im_path = fetch_to_local(im["path"], im["node_id"])
+    im_path = prepare_imatrix(recipe, ctx)
     cand = ray.get(build_candidate_task.options(**task_options(ctx.cluster, f"build-{recipe.label()}")).remote(
         recipe, ctx.base_model, ctx.cache_dir, ctx.model_fp, im_path, 1))
     cand.path = fetch_to_local(cand.path, cand.node_id)
@@ -141,7 +172,7 @@ def _evaluate(plan, base_row: dict, ctx: TrialContext, t_start: float) -> None:
     fetched = [0]
     race = RaceRule(ctx, plan.label, cand.bits_per_weight) if ctx.racing is not None else None
     stop_rule = race if race is not None else (lambda per_chunk: stop_decision(per_chunk, ctx.metrics))
-    if ctx.metrics.per_language and len(set(ctx.langs)) > 1:
+    if (ctx.metrics.per_language or ctx.search.stops_per_language()) and len(set(ctx.langs)) > 1:
         stop_rule = every_language(stop_rule, ctx)
 
     def payload_of(i: int) -> dict:
@@ -153,6 +184,10 @@ def _evaluate(plan, base_row: dict, ctx: TrialContext, t_start: float) -> None:
             log_event(ctx, "chunk", label=plan.label, chunk=i)
         # Running reports need a rough interval only; the final row gets the full bootstrap.
         summary = summarize(run.per_chunk, n_boot=1000 if run.done else 200)
+        # Per-language statistics: in the final row, and in every row of a search that optimises
+        # a language's number (its objective needs them while the trial runs).
+        by_language = len(set(ctx.langs)) > 1 and (run.done or ctx.search.by_language)
+        lang_fields = language_fields(run.per_chunk, ctx.langs, 200 if run.done else 0) if by_language else {}
         row = {**base_row, **summary, "chunks": len(run.per_chunk),
                "bits_per_weight": cand.bits_per_weight, "size_bytes": cand.size_bytes,
                "candidate_cached": cand.cached, "build_seconds": cand.build_seconds,
@@ -162,12 +197,11 @@ def _evaluate(plan, base_row: dict, ctx: TrialContext, t_start: float) -> None:
                "eval_seconds": time.perf_counter() - t_built, "trial_seconds": time.perf_counter() - t_start,
                "eval_tokens_per_s": run.tokens_per_s,
                "stop_reason": run.reason if run.done else "running", "done_eval": run.done,
-               "objective": ctx.search.objective(summary, cand.bits_per_weight)}
+               "objective": ctx.search.objective({**summary, **lang_fields}, cand.bits_per_weight)}
         row.update({k: v for k, v in cand.extra.items() if isinstance(v, (int, float))})
         if race is not None:
             row.update(race.row_fields())
-        if run.done and len(set(ctx.langs)) > 1:
-            row.update(language_fields(run.per_chunk, ctx.langs))
+        row.update(lang_fields)
         tune.report(row)
 
     run = evaluate_candidate(len(ctx.tokens), lambda i: ctx.tokens[i], payload_of, store,
@@ -176,10 +210,13 @@ def _evaluate(plan, base_row: dict, ctx: TrialContext, t_start: float) -> None:
     log_event(ctx, "trial_done", label=plan.label, chunks=len(run.per_chunk), computed=run.computed)
 
 
-def language_fields(per_chunk: list[dict], langs: list[str]) -> dict:
-    """The worst language and every language's statistics (for languages.parquet)."""
-    breakdown = summarize_languages(per_chunk, list(langs)[:len(per_chunk)], n_boot=200)
+def language_fields(per_chunk: list[dict], langs: list[str], n_boot: int = 200) -> dict:
+    """The worst language, the mean over languages, and every language's statistics (for
+    languages.parquet)."""
+    breakdown = summarize_languages(per_chunk, list(langs)[:len(per_chunk)], n_boot=n_boot)
+    means = [s.kld_mean for s in breakdown.languages.values()]
     return {"worst_language": breakdown.worst_language or "", "worst_language_kld": breakdown.worst_language_kld,
+            "language_mean_kld": float(np.mean(means)) if means else math.nan,
             "languages": json.dumps(breakdown.rows(), default=float)}
 
 

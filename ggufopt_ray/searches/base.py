@@ -39,6 +39,7 @@ class SearchFacts:
     n_layer: int
     n_ctx: int
     n_calib: int  # calibration chunks available for importance matrices
+    calib_langs: tuple = ()  # language (or source) of each calibration chunk
     n_threads: int = 1  # llama.cpp threads of one trial
     n_gpu_layers: int = 0
     flash_attn: bool = False
@@ -73,6 +74,9 @@ class Search:
     config_class: ClassVar[type[SearchConfig]] = SearchConfig
     trial_kind: ClassVar[str] = "quality"  # quality: candidate vs baseline; speed: logits throughput
     about: ClassVar[str] = ""  # one line for --help and errors
+    # The objective reads per-language statistics (worst_language_kld, language_mean_kld), so
+    # trials compute them at every report, not only at the end.
+    by_language: ClassVar[bool] = False
 
     def __init__(self, cfg: SearchConfig):
         if not isinstance(cfg, self.config_class):
@@ -136,6 +140,16 @@ class Search:
         key = OBJECTIVES.get(self.cfg.objectives[0] if self.cfg.objectives else "composite", "composite")
         return float(summary.get(key, math.nan))
 
+    def races(self) -> bool:
+        """Whether the racing rule may stop this search's trials. Racing ranks candidates by the
+        pooled statistic; a search whose objective is another number (a language's) says no."""
+        return True
+
+    def stops_per_language(self) -> bool:
+        """Whether a trial's precision stop must hold in every language (``metrics.per_language``
+        asks for it too)."""
+        return False
+
     def follow_up(self, rows: list[dict], run_round, output_dir, log: Callable[[str], None] = print) -> None:
         """Later rounds, for searches that decide what to measure next from what was measured.
 
@@ -146,6 +160,10 @@ class Search:
     def finish(self, rows: list[dict], t0: float) -> dict:
         """After the trials: anything the search keeps (caches), and notes for sweep.json."""
         return {}
+
+    def summary_lines(self, notes: dict) -> list[str]:
+        """Lines the sweep prints at the end from what :meth:`finish` returned (the answer)."""
+        return []
 
     def finalize_options(self) -> dict:
         """Keyword arguments for ``report.tables.finalize_results``."""
