@@ -62,6 +62,14 @@ def per_language_chunk_means(row: dict) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in out.items()}
 
 
+def row_value(row: dict) -> dict:
+    """A row's worst-language mean KLD with that language's SE (chunks as sampling units)."""
+    langs = {d["lang"]: d for d in json.loads(row.get("languages") or "[]")}
+    worst = row.get("worst_language", "")
+    return {"label": row["label"], "value": float(row["worst_language_kld"]),
+            "se": float(langs.get(worst, {}).get("kld_mean_chunk_se", float("nan"))), "worst_language": worst}
+
+
 def paired_gain(best: dict, uniform: dict, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
     """1 - worst(best) / worst(uniform) of per-domain mean KLD (equal-length chunks: the mean of
     chunk means), and its bootstrap SE resampling each domain's chunks with one draw for both."""
@@ -83,6 +91,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="the built-in synthetic model and corpus, few chunks (~1 min)")
     ap.add_argument("--json", help="write the figures to this JSON file")
     ap.add_argument("--base-type", default="Q3_K_S", help="the quant type the imatrices are for (default Q3_K_S)")
+    ap.add_argument("--work", help="work folder (default: a new temporary one); reusing one reuses its cache")
     ap.add_argument("--levels", default=None,
                     help="weight levels per domain, comma-separated (default 0,1,2,3; --quick 0,1)")
     args = ap.parse_args(argv)
@@ -92,7 +101,8 @@ def main(argv=None) -> int:
     from ggufopt_ray.searches import search_config
     from ggufopt_ray.sweep import run_sweep
 
-    work = Path(tempfile.mkdtemp(prefix="bench-calibration-mix-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-calibration-mix-"))
+    work.mkdir(parents=True, exist_ok=True)
     cfg = SweepConfig()
     cfg.cache_dir = str(work / "cache")
     cfg.cluster.num_cpus, cfg.cluster.dashboard = 2, False
@@ -114,6 +124,7 @@ def main(argv=None) -> int:
     cfg.search = search_config("calibration_mix", base_type=args.base_type, mix_levels=levels)
     start_ray(cfg.cluster)
     t0 = time.perf_counter()
+    cfg.overwrite = True  # a reused work folder: the results stores in its cache are reused
     result = run_sweep(cfg, work / "sweep", log=lambda m: print(m, file=sys.stderr))
     seconds = time.perf_counter() - t0
     notes = json.loads((work / "sweep" / "sweep.json").read_text())["search"]
@@ -123,26 +134,33 @@ def main(argv=None) -> int:
     best, uniform = notes["best"], refs.get("uniform")
     gain, gain_se = (paired_gain(by_label[best["label"]], by_label[uniform["label"]])
                      if uniform else (None, None))
+    values = {r["label"]: row_value(r) for r in result.rows if r.get("worst_language_kld") is not None}
+    mixes = {k: v for k, v in values.items() if "imatrix " in k}
+    best_imx = min(mixes.values(), key=lambda v: v["value"]) if mixes else None
+    gain_imx, gain_imx_se = (paired_gain(by_label[best_imx["label"]], by_label[uniform["label"]])
+                             if uniform and best_imx else (None, None))
     out = {
         "model": model_name, "base_type": args.base_type, "n_ctx": cfg.model.n_ctx,
         "eval_chunks": cfg.dataset.eval_chunks, "calib_chunks": cfg.dataset.calib_chunks,
         "domains": notes["languages"], "documents_per_domain": domains, "mix_levels": levels,
         "candidates": len(result.rows), "sweep_seconds": round(seconds, 1),
         "worst_language_kld": {"no_imatrix": refs.get("no_imatrix"), "single": single,
-                               "uniform": uniform, "best_mix": best},
+                               "uniform": uniform, "best_mix": best, "best_imatrix_mix": best_imx,
+                               "all": sorted(values.values(), key=lambda v: v["value"])},
         "gain_vs_uniform": gain, "gain_vs_uniform_se": gain_se,
+        "best_imatrix_mix_gain_vs_uniform": gain_imx, "best_imatrix_mix_gain_vs_uniform_se": gain_imx_se,
         "gain_vs_no_imatrix": (1.0 - best["value"] / refs["no_imatrix"]["value"]) if refs.get("no_imatrix") else None,
     }
     print(f"calibration mixes for {args.base_type} on {model_name}, {cfg.dataset.eval_chunks} evaluation chunks "
           f"of {cfg.model.n_ctx} over {', '.join(notes['languages'])}:")
     print("| candidate | worst-domain mean KLD ± SE | worst domain |")
     print("|---|---:|---|")
-    for name, v in [("no imatrix", refs.get("no_imatrix")), *[(f"{k} only", v) for k, v in single.items()],
-                    ("uniform", uniform), ("best mix", best)]:
-        if v:
-            print(f"| {name}: {v['label']} | {v['value']:.5f} ± {v['se']:.5f} | {v['worst_language']} |")
+    for v in sorted(values.values(), key=lambda v: v["value"]):
+        print(f"| {v['label']} | {v['value']:.5f} ± {v['se']:.5f} | {v['worst_language']} |")
     if gain is not None:
         print(f"gain_vs_uniform = {gain:+.4f} ± {gain_se:.4f} (best {best['label']})")
+    if gain_imx is not None:
+        print(f"best imatrix mix {best_imx['label']}: gain vs uniform {gain_imx:+.4f} ± {gain_imx_se:.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2, default=float))
     return 0

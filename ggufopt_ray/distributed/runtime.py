@@ -139,7 +139,9 @@ def start_ray(cluster: ClusterConfig, verbose: bool = False) -> RayInfo:
             if cluster.address:
                 raise UserError("cluster.mode=local starts its own Ray; to join a cluster use "
                                 "cluster=ray cluster.address=auto (or ray://host:10001)")
-            kwargs.update(num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
+            # address="local": a new in-process instance even when a `ray start` cluster runs on
+            # this machine (ray.init() would join it and refuse num_cpus with a ValueError).
+            kwargs.update(address="local", num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
                           include_dashboard=cluster.dashboard)
             _single_machine_mode()
             if cluster.dashboard:
