@@ -4,10 +4,18 @@ Resources come from the config (``cluster.task_resources``, e.g. ``{cpu_node: 0.
 work to CPU nodes); every task carries a readable name in the dashboard. Files are written to the
 cache directory; when a consumer runs on a node that does not share that directory, it pulls the
 bytes from the producing node through the object store (``fetch_to_local``).
+
+Cache files (candidates, importance matrices) live at ``ROOT/<kind>/<model fingerprint>/<name>``.
+``ROOT`` is the sweep's ``cache_dir`` (a path computed on the driver), unless the node was started
+with ``$GGUFOPT_NODE_CACHE_DIR`` set (``GGUFOPT_NODE_CACHE_DIR=/scratch/ggufopt ray start ...``):
+then the tasks on that node keep their cache files under that root instead, for a node whose
+local disk is elsewhere than the driver's cache (and, in tests, to give each simulated node a disk
+of its own on one machine). Without it nothing changes: every node uses the sweep's path.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -18,17 +26,100 @@ from ggufopt_ray.config import ClusterConfig
 from ggufopt_ray.engine.imatrix import collect_imatrix, load_imatrix
 from ggufopt_ray.store.locks import file_lock
 
+NODE_CACHE_ENV = "GGUFOPT_NODE_CACHE_DIR"
+CACHE_KINDS = ("candidates", "imatrix")  # the folders of ROOT whose files travel between nodes
+PIECE_BYTES = 64 * 2**20  # a file crosses the object store in pieces of this size ...
+PIECES_IN_FLIGHT = 4  # ... at most this many at a time (bounds the memory a fetch holds)
+
 
 def _node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+def node_cache_dir() -> Path | None:
+    """This node's own cache root (``$GGUFOPT_NODE_CACHE_DIR``), or None: the sweep's cache_dir."""
+    root = os.environ.get(NODE_CACHE_ENV)
+    return Path(root).expanduser() if root else None
+
+
+def is_cache_file(path: str | Path) -> bool:
+    """Whether ``path`` has the layout of a cache file, ``ROOT/<kind>/<fingerprint>/<name>``."""
+    parts = Path(path).parts
+    return len(parts) >= 4 and parts[-3] in CACHE_KINDS
+
+
+def on_this_node(path: str | Path) -> str:
+    """Where cache file ``path`` (as named on any node) is kept on this node.
+
+    With ``$GGUFOPT_NODE_CACHE_DIR`` set, a cache file goes under that root with the same
+    ``<kind>/<fingerprint>/<name>``; otherwise, and for any other file (the base model), the
+    path is unchanged.
+    """
+    root = node_cache_dir()
+    if root is None or not is_cache_file(path):
+        return str(path)
+    return str(root.joinpath(*Path(path).parts[-3:]))
+
+
+def _digest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def file_digest(path: str | Path) -> dict:
+    """``{"size", "sha256"}`` of a file, remembered beside it (``NAME.sha256``) for its size and
+    modification time, so a multi-GB candidate is hashed once, not on every fetch."""
+    path = Path(path)
+    st = path.stat()
+    stamp = f"{st.st_size} {st.st_mtime_ns}"
+    side = _digest_path(path)
+    try:
+        digest, size, mtime = side.read_text().split()
+        if f"{size} {mtime}" == stamp:
+            return {"size": st.st_size, "sha256": digest}
+    except (OSError, ValueError):
+        pass
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(8 * 2**20):
+            h.update(block)
+    _remember_digest(path, h.hexdigest())
+    return {"size": st.st_size, "sha256": h.hexdigest()}
+
+
+def _remember_digest(path: Path, digest: str) -> None:
+    st = path.stat()
+    side = _digest_path(path)
+    tmp = side.with_name(f"{side.name}.{os.getpid()}.partial")
+    try:
+        tmp.write_text(f"{digest} {st.st_size} {st.st_mtime_ns}\n")
+        tmp.replace(side)
+    except OSError:  # a read-only folder: the digest is computed again next time
+        tmp.unlink(missing_ok=True)
+
+
 @ray.remote(num_cpus=1, max_retries=2)
 def build_candidate_task(recipe: Recipe, base_model: str, cache_dir: str, model_fp: str,
-                         imatrix_path: str | None, threads: int | None) -> Candidate:
-    """Build (or find in the cache) the candidate of ``recipe``; the Candidate says on which node."""
+                         imatrix_path: str | None, threads: int | None,
+                         imatrix_node_id: str | None = None) -> Candidate:
+    """Build (or find in the cache) the candidate of ``recipe``; the Candidate says on which node.
+
+    ``imatrix_path`` is the importance matrix as named on node ``imatrix_node_id`` (e.g. the trial
+    that asked for it); it is fetched to this node when this node does not hold the same bytes.
+    Without ``imatrix_node_id`` the file must already be on this node (at the path, or under
+    this node's cache root).
+    """
+    if imatrix_path:
+        if imatrix_node_id:
+            imatrix_path = fetch_to_local(imatrix_path, imatrix_node_id)
+        else:
+            local = on_this_node(imatrix_path)
+            if not Path(local).exists():
+                raise FileNotFoundError(f"importance matrix {Path(imatrix_path).name} is not on node {_node_id()} "
+                                        f"(looked at {local}); pass imatrix_node_id= so it is fetched")
+            imatrix_path = local
     imatrix = load_imatrix(imatrix_path) if imatrix_path else None
-    cand = build_candidate(recipe, base_model, cache_dir, model_fp, imatrix=imatrix, threads=threads)
+    root = node_cache_dir() or cache_dir
+    cand = build_candidate(recipe, base_model, root, model_fp, imatrix=imatrix, threads=threads)
     cand.node_id = _node_id()
     return cand
 
@@ -36,8 +127,9 @@ def build_candidate_task(recipe: Recipe, base_model: str, cache_dir: str, model_
 @ray.remote(num_cpus=1, max_retries=2)
 def build_imatrix_task(model_path: str, chunks: list, out_path: str, n_ctx: int,
                        threads: int | None) -> dict:
-    """Collect an importance matrix over ``chunks`` (cached at ``out_path``)."""
-    out = Path(out_path)
+    """Collect an importance matrix over ``chunks`` (cached at ``out_path``, or at its place under
+    this node's cache root); the dict says where, and on which node."""
+    out = Path(on_this_node(out_path))
     with file_lock(out):  # concurrent sweeps on one cache: one collects, the others wait and load
         if out.exists():
             im = load_imatrix(out)
@@ -51,8 +143,15 @@ def build_imatrix_task(model_path: str, chunks: list, out_path: str, n_ctx: int,
 
 
 @ray.remote(num_cpus=0)
-def read_file_task(path: str) -> bytes:
-    return Path(path).read_bytes()
+def file_digest_task(path: str) -> dict:
+    return file_digest(path)
+
+
+@ray.remote(num_cpus=0)
+def read_piece_task(path: str, offset: int, length: int) -> bytes:
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        return fh.read(length)
 
 
 def task_options(cluster: ClusterConfig, name: str) -> dict:
@@ -72,17 +171,66 @@ def task_options(cluster: ClusterConfig, name: str) -> dict:
 
 
 def fetch_to_local(path: str, node_id: str) -> str:
-    """``path`` as produced on ``node_id``; copied here through the object store if missing."""
-    if Path(path).exists():
+    """The local path of file ``path`` as produced on node ``node_id``, copied here through the
+    object store unless this node already holds the same bytes.
+
+    A file made on this node is used where it is. A cache file (candidate, importance matrix)
+    from another node goes to :func:`on_this_node`; a copy already there counts only if its size
+    and sha256 equal the producer's: the same name is not proof of the same bytes, because a
+    copy can be stale (a file built by an older llama.cpp, whose name does not change) or
+    damaged (truncated by a crash or a full disk), and on a shared file system the file is found
+    equal at the cost of one small task (digests are remembered beside the files). Any other
+    file (the base model, which every node must have at the same path) is used when it exists.
+    """
+    if node_id == _node_id():
         return path
+    target = Path(on_this_node(path))
+    if not is_cache_file(path) and target.exists():
+        return str(target)
+    affinity = _on_node(node_id)
+    try:
+        want = ray.get(file_digest_task.options(name=f"digest-{target.name}", **affinity).remote(path))
+    except Exception as exc:  # the node is gone, or no longer has the file
+        lines = str(exc).strip().splitlines()
+        raise RuntimeError(f"cannot fetch {target.name} from node {node_id}: "
+                           f"{lines[-1] if lines else type(exc).__name__}") from exc
+    with file_lock(target):  # two trials on this node fetching the same file: one copies it
+        if target.exists() and target.stat().st_size == want["size"] and \
+                file_digest(target)["sha256"] == want["sha256"]:
+            return str(target)
+        _copy_from(path, node_id, target, want)
+    return str(target)
+
+
+def _on_node(node_id: str) -> dict:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    data = ray.get(read_file_task.options(
-        name="fetch-candidate",
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)).remote(path))
-    target = Path(path)
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)}
+
+
+def _copy_from(path: str, node_id: str, target: Path, want: dict) -> None:
+    """Stream ``path`` from ``node_id`` into ``target`` in pieces, check its sha256, then rename."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + f".{os.getpid()}.partial")
-    tmp.write_bytes(data)
-    tmp.replace(target)
-    return str(target)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    size, h = int(want["size"]), hashlib.sha256()
+    offsets = list(range(0, size, PIECE_BYTES))
+    opts = {"name": f"fetch-{target.name}", **_on_node(node_id)}
+    try:
+        with open(tmp, "wb") as fh:
+            pending = [read_piece_task.options(**opts).remote(path, off, PIECE_BYTES)
+                       for off in offsets[:PIECES_IN_FLIGHT]]
+            for k in range(len(offsets)):
+                piece = ray.get(pending.pop(0))
+                if k + PIECES_IN_FLIGHT < len(offsets):
+                    pending.append(read_piece_task.options(**opts).remote(
+                        path, offsets[k + PIECES_IN_FLIGHT], PIECE_BYTES))
+                fh.write(piece)
+                h.update(piece)
+                del piece
+        if h.hexdigest() != want["sha256"]:
+            raise RuntimeError(f"{target.name} changed on node {node_id} while it was fetched "
+                               f"(sha256 {h.hexdigest()[:12]}, expected {want['sha256'][:12]})")
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _remember_digest(target, want["sha256"])

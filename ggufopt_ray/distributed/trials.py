@@ -27,7 +27,8 @@ from ggufopt_ray.calibration import combine_parts, mix_file_label, mix_label, mi
 from ggufopt_ray.candidates import Candidate, Recipe
 from ggufopt_ray.config import ClusterConfig, MetricsConfig
 from ggufopt_ray.distributed.race import prefix_values
-from ggufopt_ray.distributed.tasks import build_candidate_task, build_imatrix_task, fetch_to_local, task_options
+from ggufopt_ray.distributed.tasks import (build_candidate_task, build_imatrix_task, fetch_to_local, on_this_node,
+                                           task_options)
 from ggufopt_ray.engine import LogitsEngine, RuntimeSettings
 from ggufopt_ray.engine.imatrix import load_imatrix
 from ggufopt_ray.errors import UserError
@@ -108,13 +109,14 @@ def prepare_imatrix(recipe: Recipe, ctx: TrialContext) -> str | None:
                             f"{len(ctx.calib_tokens)} (raise dataset.calib_chunks)")
         return _collect(ctx, ctx.calib_tokens[:k], _imatrix_path(ctx, k), f"imatrix-{k}")
     parts = mix_parts(recipe.imatrix_mix, k, ctx.calib_langs)
-    out = Path(_imatrix_path(ctx, k, "mix" + recipe.key()))
+    out = Path(on_this_node(_imatrix_path(ctx, k, "mix" + recipe.key())))  # this node's cache root
     if out.exists():
         return str(out)
     paths = [_collect(ctx, [ctx.calib_tokens[i] for i in p.indices],
                       _imatrix_path(ctx, len(p.indices), "lang-" + mix_file_label([(p.lang, 1.0)])),
                       f"imatrix-{p.lang}-{len(p.indices)}") for p in parts]
     mixed = combine_parts(parts, [load_imatrix(p) for p in paths], label="mix:" + mix_label(recipe.imatrix_mix))
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.stem}.{os.getpid()}.partial{out.suffix}")
     mixed.save(tmp)
     tmp.replace(out)
@@ -125,7 +127,9 @@ def prepare_candidate(recipe: Recipe, ctx: TrialContext) -> Candidate:
     """Build (or fetch from the cache) the candidate file on a CPU task, local to this trial."""
     im_path = prepare_imatrix(recipe, ctx)
     cand = ray.get(build_candidate_task.options(**task_options(ctx.cluster, f"build-{recipe.label()}")).remote(
-        recipe, ctx.base_model, ctx.cache_dir, ctx.model_fp, im_path, 1))
+        recipe, ctx.base_model, ctx.cache_dir, ctx.model_fp, im_path, 1,
+        # the imatrix is on this (the trial's) node; a build task on another node fetches it
+        imatrix_node_id=ray.get_runtime_context().get_node_id() if im_path else None))
     cand.path = fetch_to_local(cand.path, cand.node_id)
     return cand
 
