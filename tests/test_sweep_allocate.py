@@ -30,6 +30,20 @@ def test_allocation_recommends_the_best_measured_file_per_size(ray_local, tmp_pa
     assert {"Q3_K_M", "Q4_K_M", "Q5_K_M"} <= labels
     assert len(singles) == notes["single_group_candidates"] and mixes
     assert -1.0 <= notes["spearman_predicted_vs_measured"] <= 1.0
+    # Local bases: each stock size class is allocated around its own type, from the groups'
+    # neighbouring types measured on top of it (one step below and one above, by the file's size).
+    assert notes["bases"] == ["Q4_K_M", "Q3_K_M", "Q5_K_M"]
+    assert {sc["name"]: sc["base"] for sc in notes["size_classes"]} == {
+        "Q3_K_M-sized": "Q3_K_M", "Q4_K_M-sized": "Q4_K_M", "Q5_K_M-sized": "Q5_K_M"}
+    stock_bpw = {r["label"]: r["bits_per_weight"] for r in result.rows if r["label"] in ("Q3_K_M", "Q5_K_M")}
+    for base in ("Q3_K_M", "Q5_K_M"):
+        local = [r for r in singles if r["label"].startswith(base + "[")]
+        assert local and all(json.loads(r["recipe"])["ftype"] == base for r in local)
+        per_group: dict[str, list[float]] = {}
+        for r in local:
+            per_group.setdefault(r["label"][len(base) + 1:].split("=")[0], []).append(r["bits_per_weight"])
+        for sizes in per_group.values():
+            assert sum(b < stock_bpw[base] for b in sizes) <= 1 and sum(b > stock_bpw[base] for b in sizes) <= 1
 
     model = json.loads((tmp_path / "out" / "sweep.json").read_text())["provenance"]["model"]
     recs = {r["size_class"]: r for r in notes["recommendations"]}
@@ -43,7 +57,7 @@ def test_allocation_recommends_the_best_measured_file_per_size(ray_local, tmp_pa
         if "tensor_type_file" in rec:
             # the recipe file reproduces the recommended file's size with llama.cpp's quantizer
             overrides = parse_tensor_type_file(open(rec["tensor_type_file"]).read())
-            plan = quantize_model(model, "Q4_K_M", dry_run=True, threads=1, tensor_types=overrides)
+            plan = quantize_model(model, rec["base_type"], dry_run=True, threads=1, tensor_types=overrides)
             assert plan.bits_per_weight == pytest.approx(best["bits_per_weight"], rel=1e-9)
             assert "--tensor-type-file" in rec["command"]
     html = (tmp_path / "out" / "report.html").read_text()

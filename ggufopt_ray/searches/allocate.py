@@ -29,7 +29,7 @@ import numpy as np
 
 from ggufopt_ray.allocate.groups import KEEP, build_groups, overrides_for
 from ggufopt_ray.allocate.loop import allocate_loop
-from ggufopt_ray.allocate.predictor import MixTable
+from ggufopt_ray.allocate.predictor import MixTable, compare
 from ggufopt_ray.allocate.recommend import (Candidate, SizeClass, llama_quantize_command, model_card_table,
                                             recommend, tensor_type_file_text)
 from ggufopt_ray.candidates import Recipe
@@ -54,6 +54,60 @@ class AllocateConfig(SearchConfig):
     imatrix: bool = False  # every candidate with the importance matrix of all calibration chunks
     max_measurements: int = 12  # mixes the allocation loop measures after the sensitivities
     per_round: int = 0  # mixes per round (0: one per size class plus two spread along the frontier)
+    # A size class named by a stock type (Q5_K_M) is allocated around that type: each group's
+    # neighbouring types (local_steps below and above) are measured on top of it too, so the
+    # prediction near that size is a local one, not an extrapolation from base_type.
+    local_bases: bool = True
+    local_steps: int = 1
+
+
+@dataclass
+class BaseTable:
+    """One base type's view of the groups: exact bytes per (group, type), and which cells to measure.
+
+    ``allowed[g]`` are the types group ``g`` may take on this base: all of the search's types on
+    ``base_type``; on a size class's own stock type, the ``local_steps`` nearest by bytes below and
+    above the group's size in that type (a local table: the knapsack near that size moves each
+    group a step or two, and those steps are measured, not extrapolated)."""
+
+    base: str
+    sizer: MixSizer
+    groups: list
+    nbytes: np.ndarray  # int64 [G, 1 + types]: KEEP (the base's own choice), then each type
+    fixed_bytes: int
+    allowed: dict[str, list[str]]
+    same_as_base: set = field(default_factory=set)  # (group, type) cells equal to the base: not measured
+
+    @classmethod
+    def build(cls, model_path: str, base: str, types: list[str], n_layer: int, n_bands: int,
+              local_steps: int | None = None) -> "BaseTable":
+        sizer = MixSizer.for_model(model_path, base)
+        quantizable = [n for n, t in sizer.base_types.items() if t not in _NOT_QUANTIZED]
+        groups = build_groups(quantizable, n_layer, n_bands)
+        grouped = {t for g in groups for t in g.tensors}
+        fixed = sum(sizer.tensor_bytes(n, t) for n, t in sizer.base_types.items() if n not in grouped)
+        columns = [KEEP] + list(types)
+        nbytes = np.zeros((len(groups), len(columns)), dtype=np.int64)
+        same, allowed = set(), {}
+        for gi, g in enumerate(groups):
+            for ti, t in enumerate(columns):
+                chosen = sizer.base_types if t == KEEP else sizer.tensor_types([g.override(t)])
+                nbytes[gi, ti] = sum(sizer.tensor_bytes(n, chosen[n]) for n in g.tensors)
+                if t != KEEP and all(chosen[n] == sizer.base_types[n] for n in g.tensors):
+                    same.add((g.name, t))  # the base itself: nothing to measure
+            ok = [t for t in types if not (t in _NEEDS_DATA and g.kind in ("token_embd", "output"))]
+            if local_steps is not None:
+                keep = int(nbytes[gi, 0])
+                by_size = sorted(ok, key=lambda t: int(nbytes[gi, columns.index(t)]))
+                below = [t for t in by_size if int(nbytes[gi, columns.index(t)]) < keep and (g.name, t) not in same]
+                above = [t for t in by_size if int(nbytes[gi, columns.index(t)]) > keep and (g.name, t) not in same]
+                ok = below[-local_steps:] + [t for t in by_size if (g.name, t) in same] + above[:local_steps]
+            allowed[g.name] = ok
+        return cls(base, sizer, groups, nbytes, fixed, allowed, same)
+
+    def singles(self) -> list[tuple[str, str]]:
+        """The (group, type) cells to measure on this base, in group order."""
+        return [(g.name, t) for g in self.groups for t in self.allowed[g.name] if (g.name, t) not in self.same_as_base]
 
 
 @register_search
@@ -80,8 +134,9 @@ class Allocate(Search):
             _size_spec(s)
         if not 0 <= c.size_tolerance < 0.2:
             raise UserError(f"search.size_tolerance must be in [0, 0.2), not {c.size_tolerance}")
-        if c.n_bands < 1 or c.max_measurements < 0 or c.per_round < 0:
-            raise UserError("search.n_bands must be >= 1, search.max_measurements and search.per_round >= 0")
+        if c.n_bands < 1 or c.max_measurements < 0 or c.per_round < 0 or c.local_steps < 1:
+            raise UserError("search.n_bands and search.local_steps must be >= 1, search.max_measurements and "
+                            "search.per_round >= 0")
 
     # -- preparation -----------------------------------------------------------------------------
     def prepare(self, facts, log=print):
@@ -89,27 +144,11 @@ class Allocate(Search):
         c = self.cfg
         if c.imatrix and facts.n_calib < 1:
             raise UserError("search.imatrix=true needs calibration chunks; set dataset.calib_chunks > 0")
-        self.sizer = MixSizer.for_model(facts.model_path, c.base_type)
-        quantizable = [n for n, t in self.sizer.base_types.items() if t not in _NOT_QUANTIZED]
-        self.groups = build_groups(quantizable, facts.n_layer, c.n_bands)
         self.types = [resolve_tensor_type(t)[0] for t in c.types]
-        grouped = {t for g in self.groups for t in g.tensors}
-        self.fixed_bytes = sum(self.sizer.tensor_bytes(n, t) for n, t in self.sizer.base_types.items()
-                               if n not in grouped)
         self.columns = [KEEP] + self.types
-        self.nbytes = np.zeros((len(self.groups), len(self.columns)), dtype=np.int64)
-        self.same_as_base: set[tuple[str, str]] = set()
-        self.not_allowed: set[tuple[str, str]] = set()
-        for gi, g in enumerate(self.groups):
-            for ti, t in enumerate(self.columns):
-                chosen = self.sizer.base_types if t == KEEP else self.sizer.tensor_types([g.override(t)])
-                self.nbytes[gi, ti] = sum(self.sizer.tensor_bytes(n, chosen[n]) for n in g.tensors)
-                if t != KEEP and all(chosen[n] == self.sizer.base_types[n] for n in g.tensors):
-                    self.same_as_base.add((g.name, t))  # the reference itself: nothing to measure
-                if t in _NEEDS_DATA and g.kind in ("token_embd", "output"):
-                    self.same_as_base.discard((g.name, t))
-                    self.not_allowed.add((g.name, t))  # never has importance data: llama.cpp would abort
-        self.size_classes = []
+        primary = BaseTable.build(facts.model_path, c.base_type, self.types, facts.n_layer, c.n_bands)
+        self.groups, self.sizer = primary.groups, primary.sizer
+        self.size_classes, owners = [], []
         for s in c.sizes:
             kind, value = _size_spec(s)
             if kind == "type":
@@ -119,13 +158,26 @@ class Allocate(Search):
                 stock = int(value * self.sizer.n_params / 8)
                 name = f"{value:g} bpw"
             self.size_classes.append(SizeClass(name, int(stock * (1 + c.size_tolerance))))
+            owners.append(value if kind == "type" and c.local_bases else c.base_type)
+        # One table per base: base_type (every type of every group), and each stock type a size
+        # class names (the neighbouring types of each group only). A size class is allocated
+        # from its own base; a size in bits per weight from base_type.
+        self.bases = {c.base_type: primary}
+        for base in dict.fromkeys(owners):
+            if base not in self.bases:
+                self.bases[base] = BaseTable.build(facts.model_path, base, self.types, facts.n_layer, c.n_bands,
+                                                   local_steps=c.local_steps)
+        self.budget_owner = owners
         self.stock_types = list(dict.fromkeys([c.base_type] + [v for k, v in map(_size_spec, c.sizes) if k == "type"]))
-        n_single = len(self.groups) * len(self.types) - len(self.same_as_base) - len(self.not_allowed)
+        n_single = sum(len(b.singles()) for b in self.bases.values())
         self.notes["allocate"] = {"groups": [g.name for g in self.groups], "types": self.types,
-                                  "size_classes": [{"name": s.name, "max_bytes": s.max_bytes} for s in self.size_classes],
+                                  "bases": list(self.bases),
+                                  "size_classes": [{"name": s.name, "max_bytes": s.max_bytes, "base": o}
+                                                   for s, o in zip(self.size_classes, owners)],
                                   "single_group_candidates": n_single}
-        log(f"allocate {len(self.groups)} tensor groups x {len(self.types)} types: {n_single} sensitivity "
-            f"candidates, then up to {c.max_measurements} mixes for {len(self.size_classes)} size classes")
+        log(f"allocate {len(self.groups)} tensor groups x {len(self.types)} types on {', '.join(self.bases)}: "
+            f"{n_single} sensitivity candidates, then up to {c.max_measurements} mixes per base for "
+            f"{len(self.size_classes)} size classes")
         return self
 
     def _imatrix_chunks(self) -> int:
@@ -134,10 +186,8 @@ class Allocate(Search):
     # -- candidates ------------------------------------------------------------------------------
     def grid(self) -> list[dict]:
         out = [{"kind": "stock", "ftype": t} for t in self.stock_types]
-        for g in self.groups:
-            for t in self.types:
-                if (g.name, t) not in self.same_as_base and (g.name, t) not in self.not_allowed:
-                    out.append({"kind": "single", "group": g.name, "type": t})
+        for base, table in self.bases.items():
+            out += [{"kind": "single", "base": base, "group": g, "type": t} for g, t in table.singles()]
         return out
 
     def space(self):
@@ -149,22 +199,24 @@ class Allocate(Search):
         if kind == "stock":
             recipe = Recipe(kind="quant", ftype=str(config["ftype"]), imatrix_chunks=imx)
             return TrialPlan(recipe, recipe.label(), recipe.label())
+        base = str(config.get("base") or self.cfg.base_type)
         if kind == "single":
             choice = {str(config["group"]): str(config["type"])}
-            name = f"{self.cfg.base_type}[{config['group']}={config['type']}]"
+            name = f"{base}[{config['group']}={config['type']}]"
         elif kind == "mix":
             choice = {g: t for g, t in json.loads(config["mix"]).items() if t != KEEP}
-            name = mix_label(self.cfg.base_type, choice, self.bits_per_weight(choice))
+            name = mix_label(base, choice, self.bits_per_weight(choice, base))
         else:
             raise UserError(f"search=allocate cannot run a trial config of kind {kind!r}")
-        recipe = Recipe(kind="quant", ftype=self.cfg.base_type, overrides=tuple(overrides_for(self.groups, choice)),
+        recipe = Recipe(kind="quant", ftype=base, overrides=tuple(overrides_for(self.groups, choice)),
                         imatrix_chunks=imx)
         return TrialPlan(recipe, name, name)
 
-    def bits_per_weight(self, choice: dict) -> float:
+    def bits_per_weight(self, choice: dict, base: str | None = None) -> float:
+        table = self.bases[base or self.cfg.base_type]
         cols = {t: i for i, t in enumerate(self.columns)}
-        total = self.fixed_bytes + sum(int(self.nbytes[gi, cols[choice.get(g.name, KEEP)]])
-                                       for gi, g in enumerate(self.groups))
+        total = table.fixed_bytes + sum(int(table.nbytes[gi, cols[choice.get(g.name, KEEP)]])
+                                        for gi, g in enumerate(self.groups))
         return 8.0 * total / self.sizer.n_params
 
     def objective(self, summary: dict, bits_per_weight: float) -> float:
@@ -174,57 +226,83 @@ class Allocate(Search):
     def follow_up(self, rows, run_round, output_dir, log=print) -> None:
         c = self.cfg
         by_label = {r["label"]: r for r in rows if "label" in r}
-        base_label = Recipe(kind="quant", ftype=c.base_type, imatrix_chunks=self._imatrix_chunks()).label()
-        if base_label not in by_label:
-            log(f"allocate the reference {base_label} was not measured; no allocation")
-            return
-        ref_kld = measured_mean(by_label[base_label])
-        singles = {}
-        for g in self.groups:
-            for t in self.types:
-                if (g.name, t) in self.same_as_base:
-                    singles[(g.name, t)] = ref_kld
-                    continue
-                row = by_label.get(f"{c.base_type}[{g.name}={t}]")
-                if row is not None and math.isfinite(measured_mean(row)):
-                    singles[(g.name, t)] = measured_mean(row)
-        table = MixTable.from_measurements([g.name for g in self.groups], self.columns, self.nbytes,
-                                           {g.name: KEEP for g in self.groups}, ref_kld, singles, self.fixed_bytes)
-        budgets = [s.max_bytes for s in self.size_classes]
-        counter = [0]
         every_row = list(rows)
+        counter = [0]
+        summaries = {}
+        for base, bt in self.bases.items():
+            budgets = [s.max_bytes for s, o in zip(self.size_classes, self.budget_owner) if o == base]
+            if not budgets:
+                continue
+            base_label = Recipe(kind="quant", ftype=base, imatrix_chunks=self._imatrix_chunks()).label()
+            if base_label not in by_label:
+                log(f"allocate the reference {base_label} was not measured; no allocation from it")
+                continue
+            ref_kld = measured_mean(by_label[base_label])
+            singles = {}
+            for g, t in bt.same_as_base:
+                if t in bt.allowed[g]:
+                    singles[(g, t)] = ref_kld
+            for g, t in bt.singles():
+                row = by_label.get(f"{base}[{g}={t}]")
+                if row is not None and math.isfinite(measured_mean(row)):
+                    singles[(g, t)] = measured_mean(row)
+            table = MixTable.from_measurements([g.name for g in self.groups], self.columns, bt.nbytes,
+                                               {g.name: KEEP for g in self.groups}, ref_kld, singles, bt.fixed_bytes)
 
-        def measure_batch(mixes: list[dict]) -> list[float]:
-            counter[0] += 1
-            configs = [{"kind": "mix", "mix": json.dumps({g: t for g, t in m.items() if t != KEEP}, sort_keys=True)}
-                       for m in mixes]
-            log(f"allocate round {counter[0]}: measuring {len(configs)} mixes")
-            more = run_round(configs, f"allocate-{counter[0]}")
-            every_row.extend(more)
-            got = {r.get("config.mix"): r for r in more}
-            return [measured_mean(got[cfg["mix"]]) if cfg["mix"] in got else math.nan for cfg in configs]
+            def measure_batch(mixes: list[dict], base=base) -> list[float]:
+                counter[0] += 1
+                configs = [{"kind": "mix", "base": base,
+                            "mix": json.dumps({g: t for g, t in m.items() if t != KEEP}, sort_keys=True)}
+                           for m in mixes]
+                log(f"allocate round {counter[0]} ({base}): measuring {len(configs)} mixes")
+                more = run_round(configs, f"allocate-{counter[0]}")
+                every_row.extend(more)
+                got = {r.get("config.mix"): r for r in more}
+                return [measured_mean(got[cfg["mix"]]) if cfg["mix"] in got else math.nan for cfg in configs]
 
-        result = allocate_loop(table, budgets, measure_batch=measure_batch, max_measurements=c.max_measurements,
-                               per_round=c.per_round or None)
-        self.notes["allocate"].update(self._summary(result, table))
+            result = allocate_loop(table, budgets, measure_batch=measure_batch, max_measurements=c.max_measurements,
+                                   per_round=c.per_round or None)
+            summaries[base] = (result, table)
+        self.notes["allocate"].update(self._summary(summaries))
         self._recommend(every_row, output_dir, log)
 
-    def _summary(self, result, table) -> dict:
-        f = result.frontier
-        keep = np.unique(np.linspace(0, len(f) - 1, num=min(len(f), 300)).astype(int)) if len(f) else []
-        return {
-            "stop_reason": result.stop_reason,
-            "reference_kld": table.reference_kld,
-            "spearman_predicted_vs_measured": result.overall.spearman,
-            "prediction": result.overall.to_dict(), "prediction_additive": result.overall_additive.to_dict(),
-            "rounds": [{"round": r.round, "measured": r.n_new, "improved": r.improved,
-                        "vs_measured": r.vs_measured.to_dict()} for r in result.rounds],
-            "predicted_frontier": [{"bytes": int(f.nbytes[i]), "bits_per_weight": 8.0 * int(f.nbytes[i]) / self.sizer.n_params,
-                                    "predicted_kld": float(f.value[i] + table.reference_kld)} for i in keep],
-            "measured": [{"mix": m.mix, "bytes": m.nbytes, "bits_per_weight": 8.0 * m.nbytes / self.sizer.n_params,
-                          "predicted": m.predicted, "predicted_additive": m.predicted_additive,
-                          "measured": m.measured, "round": m.round, "why": m.reason} for m in result.measurements],
-        }
+    def _summary(self, summaries: dict) -> dict:
+        """Every base's loop, and predicted vs measured over all of them (out of sample)."""
+        out: dict = {"per_base": {}}
+        measured, pred, pred_add = [], [], []
+        frontier = []
+        for base, (result, table) in summaries.items():
+            f = result.frontier
+            keep = np.unique(np.linspace(0, len(f) - 1, num=min(len(f), 300)).astype(int)) if len(f) else []
+            points = [{"bytes": int(f.nbytes[i]), "bits_per_weight": 8.0 * int(f.nbytes[i]) / self.sizer.n_params,
+                       "predicted_kld": float(f.value[i] + table.reference_kld), "base": base} for i in keep]
+            frontier += points
+            rows = [{"mix": m.mix, "bytes": m.nbytes, "bits_per_weight": 8.0 * m.nbytes / self.sizer.n_params,
+                     "predicted": m.predicted, "predicted_additive": m.predicted_additive, "base": base,
+                     "measured": m.measured, "round": m.round, "why": m.reason} for m in result.measurements]
+            out["per_base"][base] = {
+                "stop_reason": result.stop_reason, "reference_kld": table.reference_kld,
+                "spearman_predicted_vs_measured": result.overall.spearman, "prediction": result.overall.to_dict(),
+                "rounds": [{"round": r.round, "measured": r.n_new, "improved": r.improved,
+                            "vs_measured": r.vs_measured.to_dict()} for r in result.rounds]}
+            out.setdefault("measured", []).extend(rows)
+            for m in result.measurements:
+                if m.round >= 0 and math.isfinite(m.measured):
+                    measured.append(m.measured)
+                    pred.append(m.predicted)
+                    pred_add.append(m.predicted_additive)
+        primary = summaries.get(self.cfg.base_type) or next(iter(summaries.values()), None)
+        overall, additive = compare(pred, measured), compare(pred_add, measured)
+        out.update({
+            "stop_reason": "; ".join(f"{b}: {r.stop_reason}" for b, (r, _) in summaries.items()),
+            "reference_kld": primary[1].reference_kld if primary else math.nan,
+            "spearman_predicted_vs_measured": overall.spearman,
+            "prediction": overall.to_dict(), "prediction_additive": additive.to_dict(),
+            "rounds": [rd for b in out["per_base"].values() for rd in b["rounds"]],
+            "predicted_frontier": sorted(frontier, key=lambda p: p["bytes"]),
+        })
+        out.setdefault("measured", [])
+        return out
 
     def _recommend(self, rows, output_dir, log) -> None:
         """Per size class the best measured candidate that fits, with its recipe files."""
@@ -250,7 +328,7 @@ class Allocate(Search):
                 log(f"recommend {rec.size_class.name}: nothing measured fits")
                 continue
             entry = {"size_class": rec.size_class.name, "label": cand.label, "bits_per_weight": cand.bits_per_weight,
-                     "kld_mean": cand.kld_mean, "kld_mean_se": cand.kld_mean_se}
+                     "kld_mean": cand.kld_mean, "kld_mean_se": cand.kld_mean_se, "base_type": cand.base_type}
             stem = rec.size_class.name.replace(" ", "_")
             if cand.overrides:
                 path = out / f"{stem}.tensor-types.txt"
