@@ -167,6 +167,16 @@ def test_the_uniform_mix_equals_a_collection_on_its_chunks(mix_sweep):
     for name, e in uniform.entries.items():
         assert e.counts.tolist() == direct.entries[name].counts.tolist(), name
         np.testing.assert_allclose(e.sums, direct.entries[name].sums, rtol=2e-6, err_msg=name)
+    # each language was collected once, with a snapshot per prefix: the first snapshot is the
+    # collection on the language's first chunk alone
+    root = Path(cfg.cache_dir) / "imatrix"
+    for lang in ("en", "code"):
+        snaps = sorted(root.rglob(f"{cal.fingerprint}-lang-{lang}100-*.gguf"))
+        assert [load_imatrix(f).chunk_count for f in snaps] == [1, 2]
+        first = next(c for c, label in zip(cal.chunks, cal.langs) if label == lang)
+        one = collect_imatrix(model, [first], n_threads=1)
+        for name, e in load_imatrix(snaps[0]).entries.items():
+            np.testing.assert_allclose(e.sums, one.entries[name].sums, rtol=2e-6, err_msg=name)
     # single-language mixes were made from that language's chunks alone, weighted twice
     (en,) = [im for im in mixes.values() if "mix:en100" in im.datasets]
     en_chunks = [c for c, lang in zip(cal.chunks, cal.langs) if lang == "en"]

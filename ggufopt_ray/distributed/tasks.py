@@ -19,11 +19,12 @@ import hashlib
 import os
 from pathlib import Path
 
+import numpy as np
 import ray
 
 from ggufopt_ray.candidates import Candidate, Recipe, build_candidate
 from ggufopt_ray.config import ClusterConfig
-from ggufopt_ray.engine.imatrix import collect_imatrix, load_imatrix
+from ggufopt_ray.engine.imatrix import ImatrixCollector, collect_imatrix, imatrix_settings, load_imatrix
 from ggufopt_ray.store.locks import file_lock
 
 NODE_CACHE_ENV = "GGUFOPT_NODE_CACHE_DIR"
@@ -140,6 +141,28 @@ def build_imatrix_task(model_path: str, chunks: list, out_path: str, n_ctx: int,
             im.save(tmp)
             tmp.replace(out)
     return {"path": str(out), "hash": im.hash(), "chunks": im.chunk_count, "node_id": _node_id()}
+
+
+@ray.remote(num_cpus=1, max_retries=2)
+def build_imatrix_prefixes_task(model_path: str, chunks: list, out_paths: list, n_ctx: int,
+                                threads: int | None) -> dict:
+    """The importance matrices of every prefix of ``chunks`` in one pass: ``out_paths[i]`` holds
+    the collection on ``chunks[:i + 1]`` (an imatrix is a running sum, so each is a snapshot).
+
+    One language's calibration chunks are collected once this way, whatever share of them the
+    calibration mixes ask for. The last file is written last, so when it exists they all do."""
+    outs = [Path(on_this_node(p)) for p in out_paths]
+    with file_lock(outs[-1]):
+        if not outs[-1].exists():
+            outs[-1].parent.mkdir(parents=True, exist_ok=True)
+            settings = imatrix_settings([np.asarray(c) for c in chunks], n_ctx=n_ctx, n_threads=threads)
+            with ImatrixCollector(model_path, settings) as collector:
+                for chunk, out in zip(chunks, outs):
+                    collector.add_chunk(chunk)
+                    tmp = out.with_name(f"{out.stem}.{os.getpid()}.partial{out.suffix}")
+                    collector.imatrix.save(tmp)
+                    tmp.replace(out)
+    return {"paths": [str(o) for o in outs], "node_id": _node_id()}
 
 
 @ray.remote(num_cpus=0)

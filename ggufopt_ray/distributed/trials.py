@@ -27,8 +27,8 @@ from ggufopt_ray.calibration import combine_parts, mix_file_label, mix_label, mi
 from ggufopt_ray.candidates import Candidate, Recipe
 from ggufopt_ray.config import ClusterConfig, MetricsConfig
 from ggufopt_ray.distributed.race import prefix_values
-from ggufopt_ray.distributed.tasks import (build_candidate_task, build_imatrix_task, fetch_to_local, on_this_node,
-                                           task_options)
+from ggufopt_ray.distributed.tasks import (build_candidate_task, build_imatrix_prefixes_task, build_imatrix_task,
+                                           fetch_to_local, on_this_node, task_options)
 from ggufopt_ray.engine import LogitsEngine, RuntimeSettings
 from ggufopt_ray.engine.imatrix import load_imatrix
 from ggufopt_ray.errors import UserError
@@ -94,6 +94,18 @@ def _collect(ctx: TrialContext, chunks: list, path: str, name: str) -> str:
     return fetch_to_local(im["path"], im["node_id"])
 
 
+def _language_prefix(ctx: TrialContext, lang: str, n: int) -> str:
+    """The local path of the imatrix of ``lang``'s first ``n`` calibration chunks. Every prefix of
+    the language is collected in one pass the first time any is asked for (see
+    :func:`~ggufopt_ray.distributed.tasks.build_imatrix_prefixes_task`), and cached."""
+    chunks = [c for c, label in zip(ctx.calib_tokens, ctx.calib_langs) if label == lang]
+    stem = "lang-" + mix_file_label([(lang, 1.0)])
+    out = ray.get(build_imatrix_prefixes_task.options(**task_options(ctx.cluster, f"imatrix-{lang}")).remote(
+        ctx.base_model, chunks, [_imatrix_path(ctx, j, stem) for j in range(1, len(chunks) + 1)],
+        ctx.settings.n_ctx, 1))
+    return fetch_to_local(out["paths"][n - 1], out["node_id"])
+
+
 def prepare_imatrix(recipe: Recipe, ctx: TrialContext) -> str | None:
     """The local path of the importance matrix ``recipe`` asks for (None when it needs none).
 
@@ -112,9 +124,7 @@ def prepare_imatrix(recipe: Recipe, ctx: TrialContext) -> str | None:
     out = Path(on_this_node(_imatrix_path(ctx, k, "mix" + recipe.key())))  # this node's cache root
     if out.exists():
         return str(out)
-    paths = [_collect(ctx, [ctx.calib_tokens[i] for i in p.indices],
-                      _imatrix_path(ctx, len(p.indices), "lang-" + mix_file_label([(p.lang, 1.0)])),
-                      f"imatrix-{p.lang}-{len(p.indices)}") for p in parts]
+    paths = [_language_prefix(ctx, p.lang, len(p.indices)) for p in parts]
     mixed = combine_parts(parts, [load_imatrix(p) for p in paths], label="mix:" + mix_label(recipe.imatrix_mix))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.stem}.{os.getpid()}.partial{out.suffix}")
