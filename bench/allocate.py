@@ -54,6 +54,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a 4-layer synthetic model, few chunks (~2-4 min)")
     ap.add_argument("--json", help="write the figures to this JSON file")
+    ap.add_argument("--types", help="tensor types a group may take, comma-separated (default: the search's)")
+    ap.add_argument("--local-steps", type=int, default=1, help="neighbouring types measured per group on each "
+                    "size class's own stock type (default 1)")
     args = ap.parse_args(argv)
 
     from ggufopt_ray.config import SweepConfig
@@ -81,7 +84,9 @@ def main(argv=None) -> int:
         cfg.model.n_ctx = cfg.model.n_batch = cfg.model.n_ubatch = 256
         cfg.dataset.source, cfg.dataset.path, cfg.dataset.langs = "local", str(SHARED / "corpus" / "eval.txt"), ["text"]
         cfg.dataset.eval_chunks, cfg.dataset.calib_chunks = 16, 1
-        alloc = search_config("allocate", sizes=SIZES, n_bands=2, max_measurements=24)
+        alloc = search_config("allocate", sizes=SIZES, n_bands=2, max_measurements=24, local_steps=args.local_steps)
+        if args.types:
+            alloc.types = [t.strip() for t in args.types.split(",") if t.strip()]
     cfg.search = alloc
     start_ray(cfg.cluster)
     t0 = time.perf_counter()

@@ -160,8 +160,8 @@ class Allocate(Search):
             self.size_classes.append(SizeClass(name, int(stock * (1 + c.size_tolerance))))
             owners.append(value if kind == "type" and c.local_bases else c.base_type)
         # One table per base: base_type (every type of every group), and each stock type a size
-        # class names (the neighbouring types of each group only). A size class is allocated
-        # from its own base; a size in bits per weight from base_type.
+        # class names (the neighbouring types of each group only). base_type's loop serves every
+        # size class; a local base's loop serves its own; the recommendation is the best measured.
         self.bases = {c.base_type: primary}
         for base in dict.fromkeys(owners):
             if base not in self.bases:
@@ -230,7 +230,10 @@ class Allocate(Search):
         counter = [0]
         summaries = {}
         for base, bt in self.bases.items():
-            budgets = [s.max_bytes for s, o in zip(self.size_classes, self.budget_owner) if o == base]
+            # base_type's table spans every size (as without local bases); a local base adds its
+            # own size class, where its local prediction is the sharper one.
+            budgets = [s.max_bytes for s, o in zip(self.size_classes, self.budget_owner)
+                       if o == base or base == c.base_type]
             if not budgets:
                 continue
             base_label = Recipe(kind="quant", ftype=base, imatrix_chunks=self._imatrix_chunks()).label()
