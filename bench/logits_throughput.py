@@ -7,16 +7,19 @@ sides alike; the figures that matter are the ratios.
 1. ``ratio`` (target >= 0.95): ``LogitsEngine.logits`` (every position) vs a bare
    llama-cpp-python ``eval`` loop, same model, n_ctx/n_batch/n_ubatch/threads.
 2. ``ratio_vs_llama_perplexity`` (target >= 1.0): our baseline pass — logits of the scored half
-   of each chunk plus the baseline encoding, as the sweep's LogitsWorker computes it through
-   ``evaluation.baseline_payload`` — vs ``llama-perplexity --kl-divergence-base FILE`` on the
-   same model, text, chunks (n_ctx), n_batch/n_ubatch and threads, with ``-fa off`` (ours runs
-   without flash attention). llama-perplexity is a process that loads the model and tokenizes
-   the text each time; its chunk loop is timed from its own log time stamps ("calculating
-   perplexity" to "Final estimate": decode, log-probs and writing the base file), its whole
-   process by the wall clock. Ours is timed on a loaded engine with tokenized chunks. Two of ours are measured: ``per_chunk`` (one chunk per decode,
-   what LogitsWorker does today) and ``packed`` (``logits_many``: ``n_batch // n_ctx`` chunks
-   per decode, as llama-perplexity does); the ratio (median over rounds of llama-perplexity's time / ours) is the better of the two,
-   both are printed.
+   of each chunk, log-softmaxed, encoded and committed to a baseline store, as ``ggufopt logits``
+   runs it (``commands.logits.compute_into_store``: ``distributed.baseline.baseline_payloads``,
+   the LogitsWorker's code, ``n_batch // n_ctx`` chunks per decode, with the store writes on a
+   writer thread) — vs ``llama-perplexity --kl-divergence-base FILE`` on the same model, text,
+   chunks (n_ctx), n_batch/n_ubatch and threads, with ``-fa off`` (ours runs without flash
+   attention). llama-perplexity is a process that loads the model and tokenizes the text each
+   time; its chunk loop is timed from its own log time stamps ("calculating perplexity" to
+   "Final estimate": decode, log-probs and writing the base file), its whole process by the wall
+   clock. Ours is timed on a loaded engine with tokenized chunks, from the first decode until the
+   last chunk is committed (checksums, HDF5, fsync). Also printed: ``compute`` (the same payloads,
+   no store) and ``per_chunk`` (``evaluation.baseline_payload`` one chunk at a time: a copy of the
+   rows, ``kld.log_softmax`` on one thread, then ``encode``). The ratio is the median over rounds
+   of llama-perplexity's time / ours.
 
     python bench/logits_throughput.py [--quick] [--json PATH] [--model GGUF] [--text FILE]
 
@@ -109,25 +112,54 @@ def find_llama_perplexity(explicit: str | None) -> Path | None:
     return tool if tool.exists() else None
 
 
-def payloads_packed(engine, chunks, encoding: str, first: int) -> list[dict]:
-    """``evaluation.baseline_payload`` for several chunks, ``engine.n_seq`` per decode."""
-    from ggufopt_ray.metrics.encodings import get_encoding
-    from ggufopt_ray.metrics.kld import log_softmax
+def payloads_compute(engine, chunks, encoding: str, first: int, store=None) -> list[dict]:
+    """What a LogitsWorker computes: ``baseline_payloads``, ``engine.n_seq`` chunks per decode."""
+    from ggufopt_ray.distributed.baseline import baseline_payloads
 
-    enc = get_encoding(encoding)
     out = []
-    for i in range(0, len(chunks), engine.n_seq):
-        part = chunks[i:i + engine.n_seq]
-        for tokens, rows in zip(part, engine.logits_many(part, first=first)):
-            rows = rows[:-1]
-            out.append(enc.encode(log_softmax(rows, out=rows), tokens[first + 1:]))
+    for g in range(0, len(chunks), engine.n_seq):
+        out.extend(baseline_payloads(engine, chunks[g:g + engine.n_seq], encoding, first))
     return out
 
 
-def payloads_per_chunk(engine, chunks, encoding: str, first: int) -> list[dict]:
+def payloads_per_chunk(engine, chunks, encoding: str, first: int, store=None) -> list[dict]:
     from ggufopt_ray.evaluation import baseline_payload
 
     return [baseline_payload(engine, c, encoding, first) for c in chunks]
+
+
+def baseline_pass(engine, chunks, encoding: str, first: int, store=None) -> None:
+    """The whole pass of ``ggufopt logits``: payloads committed to ``store``."""
+    from ggufopt_ray.commands.logits import compute_into_store
+
+    compute_into_store(engine, store, chunks, range(len(chunks)), encoding, first)
+
+
+def fresh_store(path: Path, model, chunks, n_ctx: int, encoding: str, first: int):
+    """An empty baseline store at ``path`` (emptied outside the timed region)."""
+    from ggufopt_ray.evaluation import encoding_params
+    from ggufopt_ray.store.baseline import BaselineStore
+
+    header = {"model_fingerprint": Path(model).name, "vocab_fingerprint": "bench", "corpus_fingerprint": "bench",
+              "n_ctx": n_ctx, "n_vocab": 0, "encoding": encoding, "encoding_params": encoding_params(encoding),
+              "first": first, "n_chunks": len(chunks)}
+    return BaselineStore.create_or_open(path, header, overwrite=True)
+
+
+def max_payload_diff(a: list[dict], b: list[dict]) -> float:
+    """Largest absolute difference between two lists of payloads (inf if their arrays differ in
+    names, shapes or dtypes)."""
+    worst = 0.0
+    for x, y in zip(a, b, strict=True):
+        if x.keys() != y.keys():
+            return float("inf")
+        for k in x:
+            u, v = np.asarray(x[k]), np.asarray(y[k])
+            if u.shape != v.shape or u.dtype != v.dtype:
+                return float("inf")
+            if u.size:
+                worst = max(worst, float(np.abs(u.astype(np.float64) - v.astype(np.float64)).max()))
+    return worst
 
 
 def text_file_for(engine, text: str, n_ctx: int, n_chunks: int, path: Path) -> Path:
@@ -188,29 +220,39 @@ def vs_llama_perplexity(tool, model, text, n_ctx, n_batch, n_ubatch, threads, n_
     chunks = text_chunks(engine, text_path.read_text(), n_ctx, n_chunks)
     n_chunks = len(chunks)
     first = n_ctx // 2  # llama-perplexity scores the second half of each chunk
-    ours = {"per_chunk": payloads_per_chunk, "packed": payloads_packed}
+    ours = {"pass": baseline_pass, "compute": payloads_compute, "per_chunk": payloads_per_chunk}
+    store_path = tmp / "store"
 
-    # Same numbers first: packed and per-chunk payloads must agree.
-    a, b = payloads_per_chunk(engine, chunks[:n_seq], encoding, first), payloads_packed(engine, chunks[:n_seq], encoding, first)
-    pack_diff = max(float(np.abs(np.asarray(x[k], np.float64) - np.asarray(y[k], np.float64)).max())
-                    for x, y in zip(a, b) for k in x if np.asarray(x[k]).dtype.kind == "f")
+    # Same numbers first: the pass's payloads (packed, from llama.cpp's buffer, fused encoding)
+    # against evaluation.baseline_payload's, and what the store gives back.
+    sample = chunks[:max(2, n_seq)]
+    a = payloads_per_chunk(engine, sample, encoding, first)
+    b = payloads_compute(engine, sample, encoding, first)
+    store = fresh_store(store_path, model, sample, n_ctx, encoding, first)
+    baseline_pass(engine, sample, encoding, first, store)
+    pack_diff = max_payload_diff(a, b)
+    store_diff = max_payload_diff(b, [store.read_payload(i) for i in range(len(sample))])
+    codes_equal = all(np.array_equal(np.asarray(x[k]).view(np.uint8), np.asarray(y[k]).view(np.uint8))
+                      for x, y in zip(a, b) for k in x if k not in ("xent_correction", "ref_logprob"))
+    run_llama_perplexity(tool, model, text_path, n_ctx, n_batch, n_ubatch, threads, min(n_chunks, n_seq),
+                         tmp / "base.kld")  # warm-up
+
+    times: dict[str, list[float]] = {k: [] for k in ours}
+    times.update({"lp_loop": [], "lp_wall": []})
     base = tmp / "base.kld"
-    for fn in ours.values():  # warm-up, both sides
-        fn(engine, chunks[:n_seq], encoding, first)
-    run_llama_perplexity(tool, model, text_path, n_ctx, n_batch, n_ubatch, threads, min(n_chunks, n_seq), base)
-
-    times: dict[str, list[float]] = {"per_chunk": [], "packed": [], "lp_loop": [], "lp_wall": []}
     for r in range(rounds):
-        steps = ["per_chunk", "packed", "lp"]
+        steps = list(ours) + ["lp"]
         for step in (steps if r % 2 == 0 else steps[::-1]):
             if step == "lp":
+                base.unlink(missing_ok=True)
                 wall, loop = run_llama_perplexity(tool, model, text_path, n_ctx, n_batch, n_ubatch, threads,
                                                   n_chunks, base)
                 times["lp_wall"].append(wall)
                 times["lp_loop"].append(loop)
             else:
+                store = fresh_store(store_path, model, chunks, n_ctx, encoding, first) if step == "pass" else None
                 t0 = time.perf_counter()
-                ours[step](engine, chunks, encoding, first)
+                ours[step](engine, chunks, encoding, first, store)
                 times[step].append(time.perf_counter() - t0)
     engine.close()
     tokens = n_chunks * n_ctx
@@ -218,35 +260,37 @@ def vs_llama_perplexity(tool, model, text, n_ctx, n_batch, n_ubatch, threads, n_
     tps = {k: tokens / med[k] for k in med}
     # Each round's sides ran back to back: the median of per-round ratios resists the load
     # swings of a shared machine better than a ratio of medians.
-    per_round = {k: [lp / t for lp, t in zip(times["lp_loop"], times[k])] for k in ("per_chunk", "packed")}
+    per_round = {k: [lp / t for lp, t in zip(times["lp_loop"], times[k])] for k in ours}
     round_ratio = {k: float(np.median(v)) for k, v in per_round.items()}
-    best = max(round_ratio, key=round_ratio.get)
     res = {
         "n_ctx": n_ctx, "n_batch": n_batch, "n_ubatch": n_ubatch, "n_seq": n_seq, "chunks": n_chunks,
         "rounds": rounds, "encoding": encoding, "scored_from": first,
-        "ours_per_chunk_tokens_per_s": tps["per_chunk"], "ours_packed_tokens_per_s": tps["packed"],
+        "ours_pass_tokens_per_s": tps["pass"], "ours_compute_tokens_per_s": tps["compute"],
+        "ours_per_chunk_tokens_per_s": tps["per_chunk"],
         "llama_perplexity_tokens_per_s": tps["lp_loop"],
         "llama_perplexity_wall_tokens_per_s": tps["lp_wall"],
-        "ratio_vs_llama_perplexity": round_ratio[best], "ratio_best_of": best,
+        "ratio_vs_llama_perplexity": round_ratio["pass"],
+        "ratio_compute_vs_llama_perplexity": round_ratio["compute"],
         "ratio_per_chunk_vs_llama_perplexity": round_ratio["per_chunk"],
-        "ratio_packed_vs_llama_perplexity": round_ratio["packed"],
-        "ratio_of_medians_per_chunk": tps["per_chunk"] / tps["lp_loop"],
-        "ratio_of_medians_packed": tps["packed"] / tps["lp_loop"],
+        "ratio_of_medians": tps["pass"] / tps["lp_loop"],
         "per_round_ratios": per_round,
-        "packed_vs_per_chunk_max_abs_payload_diff": pack_diff,
+        "pass_vs_per_chunk_max_abs_payload_diff": pack_diff,
+        "pass_vs_per_chunk_codes_identical": codes_equal,
+        "store_roundtrip_max_abs_diff": store_diff,
         "times_s": times,
     }
     print(f"\n[2] baseline pass ({encoding}) vs llama-perplexity --kl-divergence-base, n_ctx {n_ctx}, "
           f"n_batch {n_batch}, n_ubatch {n_ubatch}, n_seq {n_seq}, {n_chunks} chunks, {rounds} rounds")
-    print(f"{'side':<36} {'median s':>10} {'tokens/s':>12}")
-    for key, label in (("per_chunk", "ours, one chunk per decode"), ("packed", "ours, packed (logits_many)"),
+    print(f"{'side':<44} {'median s':>10} {'tokens/s':>12} {'ratio':>7}")
+    for key, label in (("pass", "ours: baseline pass into a store"),
+                       ("compute", "ours: payloads only (no store)"),
+                       ("per_chunk", "ours: evaluation.baseline_payload per chunk"),
                        ("lp_loop", "llama-perplexity, chunk loop"), ("lp_wall", "llama-perplexity, whole process")):
-        print(f"{label:<36} {med[key]:>10.3f} {tps[key]:>12.1f}")
-    print(f"ratio_vs_llama_perplexity = {res['ratio_vs_llama_perplexity']:.3f} ({best}, median of per-round "
-          f"ratios; target >= 1.0); "
-          f"per-chunk {res['ratio_per_chunk_vs_llama_perplexity']:.3f}, "
-          f"packed {res['ratio_packed_vs_llama_perplexity']:.3f}; "
-          f"packed vs per-chunk payloads max |diff| = {pack_diff:.3g}")
+        ratio = f"{round_ratio[key]:7.3f}" if key in round_ratio else ""
+        print(f"{label:<44} {med[key]:>10.3f} {tps[key]:>12.1f} {ratio}")
+    print(f"ratio_vs_llama_perplexity = {res['ratio_vs_llama_perplexity']:.3f} (median of per-round ratios; "
+          f"target >= 1.0); payloads vs baseline_payload: codes identical {codes_equal}, max |diff| "
+          f"{pack_diff:.3g}; store round trip max |diff| {store_diff:.3g}")
     return res
 
 
@@ -313,7 +357,7 @@ def main(argv=None) -> int:
         lp = vs_llama_perplexity(tool, model, text, n_ctx, n_batch, n_ubatch, threads, n_chunks, rounds,
                                  encoding, tmp)
         result["llama_perplexity"] = lp
-        for k in ("ratio_vs_llama_perplexity", "ours_per_chunk_tokens_per_s", "ours_packed_tokens_per_s",
+        for k in ("ratio_vs_llama_perplexity", "ours_pass_tokens_per_s", "ours_per_chunk_tokens_per_s",
                   "llama_perplexity_tokens_per_s"):
             result[k] = lp[k]
     if args.json:

@@ -1,11 +1,12 @@
 """The baseline stage: each chunk's baseline log-probabilities computed once, kept in Ray's object store.
 
-Logits workers are actors that load the base model once and take chunks round-robin; they sit
-on GPU nodes when the config asks for GPUs (or custom resources such as ``{gpu_node: 0.01}``).
-Each chunk's encoded payload is written to the baseline store on disk (crash-safe, so a rerun
-resumes) and kept in the object store as one ObjectRef per chunk, which trials on any node read
-zero-copy. When the store already holds every chunk for this fingerprint, nothing is computed:
-the chunks are loaded and put once.
+Logits workers are actors that load the base model once and take chunks round-robin, in groups
+of as many chunks as one decode packs (``n_batch // n_ctx`` sequences, as llama-perplexity does);
+they sit on GPU nodes when the config asks for GPUs (or custom resources such as
+``{gpu_node: 0.01}``). Each chunk's encoded payload is written to the baseline store on disk
+(crash-safe, so a rerun resumes) and kept in the object store as one ObjectRef per chunk, which
+trials on any node read zero-copy. When the store already holds every chunk for this
+fingerprint, nothing is computed: the chunks are loaded and put once.
 """
 
 from __future__ import annotations
@@ -14,13 +15,42 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field, replace
+from typing import Callable, Sequence
 
 import numpy as np
 import ray
 
 from ggufopt_ray.config import ClusterConfig
 from ggufopt_ray.engine import LogitsEngine, RuntimeSettings
-from ggufopt_ray.evaluation import baseline_payload
+
+
+def baseline_payloads(engine: LogitsEngine, chunks: Sequence[np.ndarray], encoding: str, first: int,
+                      on_payload: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """Encoded baseline log-probabilities of the scored rows of each chunk (the payloads that
+    ``evaluation.baseline_payload`` gives one at a time, same codes), ``engine.n_seq`` chunks per
+    decode; ``on_payload(j, payload)`` is called as soon as chunk ``j``'s payload is ready (a
+    writer can start on it while the others of its decode are encoded).
+
+    The hot path of the baseline pass, shared by the Ray workers, ``ggufopt logits`` and
+    bench/logits_throughput.py: the encoding reads each chunk's rows straight from llama.cpp's
+    output buffer (``map_logits``: no 4·n_vocab-byte copy per token) and fuses the log-softmax
+    into its own row-block pass (``encode_logits``) on the engine's threads, which are idle
+    between decodes. Row ``j`` predicts token ``j + 1``, so the last row is not scored.
+    """
+    from ggufopt_ray.evaluation import engine_threads
+    from ggufopt_ray.metrics.encodings import get_encoding
+
+    enc = get_encoding(encoding)
+    threads = engine_threads(engine)
+    chunks = [np.asarray(c) for c in chunks]
+
+    def encode(j: int, rows: np.ndarray) -> dict:
+        payload = enc.encode_logits(rows[:-1], chunks[j][first + 1:], threads=threads)
+        if on_payload is not None:
+            on_payload(j, payload)
+        return payload
+
+    return engine.map_logits(chunks, encode, first)
 
 
 @ray.remote
@@ -36,10 +66,12 @@ class LogitsWorker:
         self.first = first
         self.computed = 0
 
-    def baseline(self, index: int, tokens: np.ndarray) -> dict:
-        payload = baseline_payload(self.engine, tokens, self.encoding, self.first)
-        self.computed += 1
-        return payload
+    def baselines(self, chunks: list[np.ndarray]):
+        """Payloads of ``chunks`` (packed per decode); called with ``num_returns=len(chunks)``,
+        so each payload becomes an object of its own."""
+        payloads = baseline_payloads(self.engine, chunks, self.encoding, self.first)
+        self.computed += len(payloads)
+        return payloads[0] if len(payloads) == 1 else payloads
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -114,9 +146,14 @@ def run_baseline(store, chunks: list[np.ndarray], model_path: str, settings: Run
         try:
             nodes = ray.get([w.node_id.remote() for w in workers])
             pending = {}
-            for k, i in enumerate(missing):
-                ref = workers[k % n_workers].baseline.remote(i, chunks[i])
-                pending[ref] = i
+            # Groups of what one decode packs; each chunk still comes back as its own object.
+            per_decode = max(1, settings.n_batch // settings.n_ctx)
+            groups = [missing[g:g + per_decode] for g in range(0, len(missing), per_decode)]
+            for k, group in enumerate(groups):
+                call = workers[k % n_workers].baselines.options(num_returns=len(group))
+                out = call.remote([chunks[i] for i in group])
+                for i, ref in zip(group, out if len(group) > 1 else [out]):
+                    pending[ref] = i
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:

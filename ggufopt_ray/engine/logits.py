@@ -10,13 +10,18 @@ copy for the rest. The logits are copied once, from llama.cpp's buffer into the 
 When ``n_batch`` holds several chunks (``n_batch >= 2 * n_ctx``) the engine keeps
 ``n_batch // n_ctx`` sequences, and ``logits_many`` decodes that many chunks at once, each as
 its own sequence — llama-perplexity's ``n_seq`` — which keeps the matmuls wide for short chunks.
+
+``map_logits`` hands each chunk's rows to a function while they still sit in llama.cpp's output
+buffer, without copying them: at a 49k vocabulary one chunk's scored rows are 50 MB, and the
+baseline pass reads them exactly once (into its encoding), so a copy would be a whole extra pass
+over memory, plus the page faults of a fresh 50 MB array per chunk.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 
@@ -24,6 +29,8 @@ from ggufopt_ray.engine import native
 from ggufopt_ray.engine.session import ModelSession
 from ggufopt_ray.engine.tokenizer import tokenize_with_vocab
 from ggufopt_ray.errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -158,13 +165,28 @@ class LogitsEngine(ModelSession):
         ``n_batch`` tokens; a chunk longer than that (or an engine with one sequence) is
         evaluated alone in pieces. All chunks are checked before anything runs.
         """
+        return self.map_logits(chunks, lambda i, rows: np.array(rows, dtype=np.float32, copy=True), first)
+
+    def map_logits(self, chunks: Sequence[Sequence[int]], fn: Callable[[int, np.ndarray], T],
+                   first: int = 0) -> list[T]:
+        """``[fn(i, rows_i) for each chunk i]``, ``rows_i`` being the float32 logits of chunk
+        ``i``'s positions ``first ..`` (as ``logits(chunks[i], first)`` returns them), decoded
+        ``n_seq`` chunks at a time as in ``logits_many``.
+
+        ``rows_i`` is a read-only view of llama.cpp's output buffer whenever the chunk was decoded
+        in one piece (a chunk longer than ``n_batch`` gets an array of its own): it is valid only
+        during the call, since the next decode overwrites it, so ``fn`` must not keep it — copy
+        what must outlive the call. Chunks decoded together are handed over in order before the
+        next decode starts. All chunks are checked before anything runs.
+        """
         if self._ctx is None:
             raise RuntimeError("engine is closed")
         chunks = [np.ascontiguousarray(c, dtype=np.int32) for c in chunks]
         for c in chunks:
             self._check_tokens(c)
             self._check_first(c.size, first)
-        results: list[np.ndarray] = []
+        first = int(first)
+        results: list = []
         i = 0
         while i < len(chunks):
             group = [chunks[i]]
@@ -173,16 +195,23 @@ class LogitsEngine(ModelSession):
                    and total + chunks[i + len(group)].size <= self.n_batch):
                 total += chunks[i + len(group)].size
                 group.append(chunks[i + len(group)])
-            if len(group) == 1:
-                results.append(self.logits(group[0], first))
+            if len(group) == 1 and group[0].size > self.n_batch:
+                results.append(fn(i, self.logits(group[0], first)))  # several decodes: rows of its own
             else:
-                results.extend(self._decode_group(group, int(first)))
+                for j, rows in enumerate(self._decode_group(group, first)):
+                    results.append(fn(i + j, rows))
             i += len(group)
         return results
 
     def _decode_group(self, group: list[np.ndarray], first: int) -> list[np.ndarray]:
-        """One decode of several whole chunks, chunk ``s`` as sequence ``s``."""
+        """One decode of whole chunks (together at most ``n_batch`` tokens), chunk ``s`` as
+        sequence ``s``; returns read-only views of each chunk's output rows in llama.cpp's buffer."""
         total = sum(c.size for c in group)
+        n_out = total - first * len(group)
+        # A decode with a lone output row goes through llama.cpp's one-row matmul kernels, which
+        # round differently (up to ~1e-3 on F16 weights): output one more row and drop it, so
+        # rows stay those of an all-position call (as ``logits`` does).
+        extra = 1 if n_out == 1 and first >= 1 else 0
         seq = np.empty(total, dtype=np.int32)
         at = 0
         for s, c in enumerate(group):
@@ -190,16 +219,17 @@ class LogitsEngine(ModelSession):
             self._tok[at:at + n] = c
             self._pos[at:at + n] = np.arange(n, dtype=np.int32)
             seq[at:at + n] = s
-            self._out[at:at + first] = 0
-            self._out[at + first:at + n] = 1
+            self._out[at:at + first - extra] = 0
+            self._out[at + first - extra:at + n] = 1
             at += n
         self.set_seq_ids(seq)
         self.clear()
-        self.decode_prepared(total, where=f"a batch of {len(group)} chunks")
-        rows = self.output_rows(total - first * len(group))
+        self.decode_prepared(total, where=f"a batch of {len(group)} chunk(s)")
+        rows = self.output_rows(n_out + extra)[extra:]
+        rows.flags.writeable = False
         outs, r = [], 0
         for c in group:
             k = c.size - first
-            outs.append(np.array(rows[r:r + k], dtype=np.float32, copy=True))
+            outs.append(rows[r:r + k])
             r += k
         return outs

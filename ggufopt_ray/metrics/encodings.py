@@ -115,12 +115,6 @@ def _cand_lse(b: np.ndarray) -> np.ndarray:
     return m.astype(np.float64) + np.log(_rowsum(np.exp(b - m[:, None])))
 
 
-def _xent_correction(decoded32: np.ndarray, lp_true64: np.ndarray) -> np.ndarray:
-    """sum p~ (log p - log p~) with p~ = softmax(decoded) in float64 (what kld_per_token uses)."""
-    lq = _normalized64(decoded32)
-    return (np.exp(lq) * (lp_true64 - lq)).sum(axis=1)
-
-
 def _with_ref_extras(m: TokenMetrics, nll_base: np.ndarray) -> TokenMetrics:
     """Replace the base NLL (and Δp) decoded from an encoding by the exact stored value."""
     m.nll_base[:] = nll_base
@@ -140,6 +134,15 @@ class BaselineEncoding:
     def encode(self, logprobs: np.ndarray, ref_tokens: np.ndarray | None = None, *,
                threads: int = 1) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+    def encode_logits(self, logits: np.ndarray, ref_tokens: np.ndarray | None = None, *,
+                      threads: int = 1) -> dict[str, np.ndarray]:
+        """``encode(log_softmax(logits))`` from raw float32 logit rows, which are only read (a
+        view of llama.cpp's output buffer will do). The baseline pass calls this once per chunk;
+        encodings that can fuse the log-softmax into their own row-block pass override it."""
+        from ggufopt_ray.metrics.kld import log_softmax
+
+        return self.encode(log_softmax(logits), ref_tokens, threads=threads)
 
     def bytes_per_token(self, n_vocab: int, with_ref: bool = True) -> int:
         """Bytes stored per scored token (all arrays of one row), not counting token ids."""
@@ -188,30 +191,148 @@ class ExactEncoding(BaselineEncoding):
         return kld_per_token(encoded["logprobs"], candidate_logits, ref_tokens, threads=threads)
 
 
+_F16_TINY = np.float32(2.0 ** -14)  # smallest normal float16; below it the spacing is fixed (2^-24)
+_F16_MAX = np.float32(65504.0)  # largest float16
+
+
+def _round_float16(x: np.ndarray, codes: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """float16 rounding (to nearest even) of C-contiguous float32 rows ``x`` whose values lie in
+    [-65504, -2^-14]: the float16 bit patterns go to ``codes`` (uint16) and the rounded values,
+    as float32, are returned (a view of the uint32 scratch ``u``).
+
+    numpy's float16 casts are scalar code, here ~7 ns per value to float16 and ~3.5 back, more
+    than the rest of the encoding together; these integer ufuncs do both in ~1.5 ns. In that range
+    a float16 is a float32 with the mantissa cut to 10 bits and the exponent rebiased, both plain
+    bit arithmetic. The caller fixes values outside the range (positive, near 0, or below -65504).
+    """
+    b = x.view(np.uint32)
+    np.right_shift(b, 13, out=u)
+    np.bitwise_and(u, 1, out=u)  # round half to even: the kept mantissa's last bit
+    u += 0xFFF
+    u += b
+    np.bitwise_and(u, 0xFFFFE000, out=u)  # the rounded float32 (a carry may bump the exponent)
+    # float16 bits: sign | exponent - 112 | mantissa. In 16-bit arithmetic the low bits of
+    # (u >> 13) - (112 << 10) are those of (u >> 13) - 0xC000; the sign is set after.
+    np.right_shift(u, 13, out=codes, casting="unsafe")
+    codes -= np.uint16(0xC000)
+    codes |= np.uint16(0x8000)  # every value in range is negative
+    return u.view(np.float32)
+
+
+def _sum_rows(x: np.ndarray) -> np.ndarray:
+    """Row sums of a C-contiguous float32 block, as float64: numpy's pairwise summation (~1e-8
+    relative here). Not BLAS: the encoder's threads call it concurrently, and OpenBLAS would run
+    each call on its own thread pool, whose spinning threads then slow the next decode (~10%
+    measured on 2 cores). Only the log-softmax normalizer goes through kld's BLAS ``_rowsum``,
+    because ``kld.log_softmax`` uses it and the codes must match that function's log-probs."""
+    return np.add.reduce(x, axis=1).astype(np.float64)
+
+
 class Float16Encoding(BaselineEncoding):
-    """float16 log-probs plus the cross-entropy correction (one float32 per row)."""
+    """float16 log-probs plus the cross-entropy correction (one float32 per row).
+
+    Encoding is one pass over row blocks of float32 work (no float64 arrays, no float16 casts
+    but for a few values per row): at a 49k vocabulary it runs once per decoded chunk, so it must
+    cost a fraction of a decode. The codes are the float16 rounding of the float32 log-probs x
+    (``encode_logits`` computes x exactly as ``kld.log_softmax`` does, so both entry points store
+    the same codes). The correction needs no second exponential: with d = x - code (exact in
+    float32: the rounding keeps x's own last bits) and p = softmax(x),
+
+        xent_correction = sum p~ (log p - log p~) = N / (1 + w) + log1p(w),
+        N = sum p d e^-d,  w = sum p (e^-d - 1)      (p~ = softmax(code) = p e^-d / (1 + w)),
+
+    evaluated in float64 from the moments M_k = sum p d^k, k = 1..4 (|d| <= 2^-9 where the mass
+    is, so the dropped d^5 terms are ~1e-8 of the correction). M_1 enters N and w with opposite
+    signs and cancels exactly, so no first-order rounding is left in a value of order d^2. The
+    row's top term of the softmax sum (exactly 1) is kept out of the float32 partial sums, so the
+    reference token's log-prob x[ref] - logsumexp(x) keeps its precision near 0. Against a
+    long-double evaluation: correction within ~1e-12 absolute, ref log-prob within float32
+    rounding of x.
+    """
 
     name = "float16"
 
     def encode(self, logprobs, ref_tokens=None, *, threads: int = 1):
-        x = _check_logprobs(logprobs)
-        n, v = x.shape
+        return self._encode(logprobs, ref_tokens, threads, from_logits=False)
+
+    def encode_logits(self, logits, ref_tokens=None, *, threads: int = 1):
+        return self._encode(logits, ref_tokens, threads, from_logits=True)
+
+    def _encode(self, rows, ref_tokens, threads, from_logits: bool):
+        x_all = np.asarray(rows)
+        if x_all.ndim != 2 or x_all.shape[1] < 2:
+            raise ValueError(f"baseline log-probs must be [n_tokens, n_vocab>=2], got shape {x_all.shape}")
+        n, v = x_all.shape
+        ref = _check_ref(ref_tokens, n, v)
         codes = np.empty((n, v), np.float16)
         corr = np.empty(n, np.float32)
+        top_id = np.empty(n, _id_dtype(v))
+        ref_lp = np.empty(n, np.float32) if ref is not None else None
+        step = max(1, BLOCK_ELEMENTS // v)  # kld.log_softmax's blocks: same BLAS calls, same sums
+        bad = []
 
-        def work(blocks):  # row blocks on ``threads`` workers: numpy releases the GIL in each step
+        def work(blocks):
+            with np.errstate(invalid="ignore", over="ignore"):  # bad rows are reported below
+                encode_blocks(blocks)
+
+        def encode_blocks(blocks):
+            rows_max = min(step, n)
+            z, e = np.empty((rows_max, v), np.float32), np.empty((rows_max, v), np.float32)
+            u = np.empty((rows_max, v), np.uint32)
             for r0, r1 in blocks:
-                lp = _normalized64(x[r0:r1])
-                codes[r0:r1] = lp
-                corr[r0:r1] = _xent_correction(codes[r0:r1].astype(np.float32), lp)
+                k = r1 - r0
+                at = np.arange(k)
+                xb = np.ascontiguousarray(x_all[r0:r1], dtype=np.float32)
+                top = xb.argmax(axis=1)
+                m = xb[at, top]
+                np.subtract(xb, m[:, None], out=z[:k])
+                np.exp(z[:k], out=e[:k])
+                if from_logits:  # x = z - log(sum e), as kld.log_softmax computes it
+                    log_sum32 = np.log(_rowsum(e[:k])).astype(np.float32)
+                    x = np.subtract(z[:k], log_sum32[:, None], out=z[:k])
+                else:
+                    x = xb
+                cb = codes[r0:r1].view(np.uint16)
+                c = _round_float16(x, cb, u[:k])
+                # values the bit arithmetic does not cover: near 0 or positive (only where the
+                # row's top is), beyond -65504 (only where its minimum is): numpy's cast
+                x_top = x[at, top]
+                for r in np.flatnonzero((x_top > -_F16_TINY) | (x.min(axis=1) < -_F16_MAX)):
+                    fix = np.flatnonzero((x[r] > -_F16_TINY) | (x[r] < -_F16_MAX))
+                    codes[r0 + r, fix] = x[r, fix]
+                    c[r, fix] = codes[r0 + r, fix]
+                d = np.subtract(x, c, out=c)  # exact: c is x with its last mantissa bits dropped
+                d_top = d[at, top].astype(np.float64)
+                e[at, top] = 0.0  # the top's exp(0) = 1 is added in float64
+                rest = _sum_rows(e[:k])
+                s = 1.0 + rest
+                mom = []
+                for power in range(1, 5):  # M_k = (sum e d^k + d_top^k) / s
+                    np.multiply(e[:k], d, out=e[:k])
+                    mom.append((_sum_rows(e[:k]) + d_top ** power) / s)
+                m1, m2, m3, m4 = mom
+                num = m1 - m2 + m3 / 2 - m4 / 6
+                w = -m1 + m2 / 2 - m3 / 6 + m4 / 24
+                c_row = num / (1 + w) + np.log1p(w)
+                if not np.isfinite(c_row).all():
+                    bad.append(r0 + int(np.flatnonzero(~np.isfinite(c_row))[0]))
+                corr[r0:r1] = c_row
+                top_id[r0:r1] = top
+                if ref_lp is not None:
+                    # logsumexp(x): m + log(s) for given log-probs; for x made here from z,
+                    # log(s) - log_sum32 (x's top is exactly -log_sum32)
+                    lse = np.log1p(rest) - log_sum32 if from_logits else m + np.log1p(rest)
+                    ref_lp[r0:r1] = x[at, ref[r0:r1]] - lse
 
-        run_row_blocks(n, max(1, BLOCK_ELEMENTS // v), threads, work)
+        run_row_blocks(n, step, threads, work)
+        if bad:
+            what = "logits" if from_logits else "log-probs"
+            raise ValueError(f"baseline {what} must be finite, and log-probs above float16's -65504 "
+                             f"(row {min(bad)} is not); clamp -inf to a very negative value first")
         # the argmax is stored because the top two log-probs may round to the same float16
-        out = {"logprobs": codes, "xent_correction": corr,
-               "top_id": np.asarray(x).argmax(axis=1).astype(_id_dtype(v))}
-        ref = _check_ref(ref_tokens, n, v)
-        if ref is not None:
-            out["ref_logprob"] = _normalized_ref(x, ref)
+        out = {"logprobs": codes, "xent_correction": corr, "top_id": top_id}
+        if ref_lp is not None:
+            out["ref_logprob"] = ref_lp
         return out
 
     def bytes_per_token(self, n_vocab, with_ref=True):
