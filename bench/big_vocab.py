@@ -41,11 +41,14 @@ sys.path.insert(0, str(ROOT))
 
 ENCODINGS = (("exact", {}), ("float16", {}), ("llamacpp_uint16", {}), ("topk", {"k": 128}), ("compact", {}))
 
-# The child process of one trial: load the candidate, logits of one chunk, compare, report maxrss.
+# The child process of one trial: load the candidate, logits of one chunk, compare, report its peak
+# RSS. VmHWM (this process's own high-water mark, reset by exec) and not ru_maxrss: on Linux
+# ru_maxrss survives fork+exec, so a child of a big parent would report the parent's RSS.
 TRIAL = r"""
 import os, resource, sys, json
 import numpy as np
 sys.path.insert(0, sys.argv[1])
+import ggufopt_ray.distributed.trials  # noqa: F401  (what a Ray trial process has loaded: ray, tune)
 from ggufopt_ray.engine import LogitsEngine, RuntimeSettings
 from ggufopt_ray.metrics.encodings import get_encoding
 model, payload_path, n_ctx, threads = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
@@ -55,7 +58,9 @@ payload = {k[2:]: data[k] for k in data.files if k.startswith("p_")}
 eng = LogitsEngine(model, RuntimeSettings(n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512), n_threads=threads))
 rows = eng.logits(tokens, first=1)[:-1]
 m = get_encoding("float16").compare(payload, rows, tokens[2:], threads=threads)
-print(json.dumps({"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "kld_mean": float(m.kld.mean())}))
+hwm = [int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")]
+peak = hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"maxrss_kib": peak, "kld_mean": float(m.kld.mean())}))
 """
 
 

@@ -24,9 +24,11 @@ from dataclasses import asdict, dataclass
 
 MIB = 1 << 20
 
-# Python + numpy + llama_cpp loaded, nothing else: measured by bench/big_vocab.py on this project's
-# machines (a V=32,000 trial measured 231 MiB of which ~150 MiB is this overhead).
-RUNTIME_OVERHEAD_BYTES = 150 * MIB
+# What a trial process holds before its model: Python, numpy, Ray and Tune (a trial is a Ray
+# worker), this package and the llama.cpp libraries. bench/big_vocab.py measures a trial's peak in
+# a process that has imported the same (VmHWM, not ru_maxrss, which a forked child inherits):
+# ~280 MiB of it is this overhead; the plan was then within 0-10% of the peak at V = 128k-262k.
+RUNTIME_OVERHEAD_BYTES = 300 * MIB
 
 # float32 [row_block, V] blocks one KLD worker holds: four kernel buffers, a decoded base block
 # and a converted candidate block (see kld._Scratch), rounded up for the fancy-index temporaries.
