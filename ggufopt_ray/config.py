@@ -87,6 +87,7 @@ class ClusterConfig:
     mode: str = "local"  # local: start Ray in-process; ray: connect to an existing cluster
     address: Optional[str] = None  # auto, or ray://host:10001
     num_cpus: Optional[int] = None
+    object_store_gib: Optional[float] = None  # cluster=local: Ray's object store size (null: Ray's default, 30% of RAM)
     num_gpus: int = 0
     logits_workers: int = 1
     worker_cpus: Optional[float] = None  # CPUs per baseline worker; null: a local cluster's free CPUs, 1 on a cluster

@@ -82,7 +82,8 @@ def refuse_unless_fits(plan: SweepMemoryPlan, *, n_chunks: int, dims) -> None:
         alt = ("metrics.encoding=compact, " if plan.encoding != "compact" else "")
         raise UserError(f"the {plan.encoding} baseline needs {plan.baseline_bytes / GIB:.2f} GiB, more than the "
                         f"object store's {plan.object_store_bytes / GIB:.2f} GiB at vocabulary {dims.n_vocab:,}; use "
-                        f"{alt}dataset.eval_chunks<={max(1, chunks)}, or give Ray more object store memory")
+                        f"{alt}dataset.eval_chunks<={max(1, chunks)}, or give Ray more object store memory "
+                        "(cluster.object_store_gib with cluster=local)")
     if plan.trials_fit < 1:
         raise UserError(f"one trial needs ~{plan.trial_peak_bytes / GIB:.2f} GiB and {plan.node_memory_bytes / GIB:.2f} "
                         "GiB are available; lower model.n_batch (fewer logits rows per decode) or model.n_ctx, or "

@@ -124,6 +124,9 @@ def validate(cfg: SweepConfig) -> Search:
             or c.task_cpus < 0 or c.logits_workers < 1 or c.max_failures < 0):
         raise UserError("cluster.trial_cpus must be > 0, cluster.worker_cpus/task_cpus >= 0, "
                         "cluster.logits_workers >= 1 and cluster.max_failures >= 0")
+    if c.object_store_gib is not None and not c.object_store_gib >= 0.075:
+        raise UserError(f"cluster.object_store_gib={c.object_store_gib} is below Ray's minimum of 0.075 GiB "
+                        "(75 MiB); e.g. 4, or null for Ray's default")
     return search
 
 

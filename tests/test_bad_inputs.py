@@ -221,7 +221,7 @@ CASES = [
     # ggufopt stats
     Case("stats-not-a-store", ["ggufopt", "stats", "{tmp}"], r"is not a results store"),
     # -- the sweep: every setting is checked before Ray starts ----------------------------------
-    *[Case(f"sweep-{name}", ["sweep", *args, *SWEEP_COMMON], needle, absent=("{tmp}/out/results.parquet",),
+    *[Case(f"sweep-{name}", ["sweep", *SWEEP_COMMON, *args], needle, absent=("{tmp}/out/results.parquet",),
            prepare=prep, prefix="sweep: error: ") for name, args, needle, prep in [
         ("confidence", ["metrics.confidence=1.5"], r"metrics: confidence 1.5 must lie strictly between 0 and 1", None),
         ("margin", ["metrics.margin=-1"], r"metrics: margin -1.0 must be > 0", None),
@@ -247,6 +247,14 @@ CASES = [
          r"search.language_objective must be one of worst, mean, pooled", None),
         ("calmix-one-language", ["search=calibration_mix", "dataset.langs=[en]"],
          r"needs calibration chunks of at least two languages", None),
+        ("object-store-min", ["cluster.object_store_gib=0.01"], r"cluster.object_store_gib=0.01 is below Ray's minimum",
+         None),
+        # The memory plan: a baseline bigger than the object store is refused with settings that fit.
+        ("baseline-too-big", ["cluster.object_store_gib=0.075", "metrics.encoding=exact", "model.n_ctx=1024",
+                              "model.n_batch=1024", "model.n_ubatch=512", "dataset.eval_chunks=40",
+                              "dataset.langs=[en,code]"],
+         r"the exact baseline needs 0\.08 GiB, more than the object store's 0\.07 GiB at vocabulary 1,024; use "
+         r"metrics.encoding=compact, dataset.eval_chunks<=38", None),
         ("scheduler", ["search.scheduler=hyperband"], r"search.scheduler must be none, asha or median", None),
         ("stale-output", [], r"holds a sweep with other settings: .*search.types", _other_sweep_in_output),
         ("unknown-output", [], r"holds results of an unknown sweep", _foreign_results_in_output),

@@ -143,6 +143,8 @@ def start_ray(cluster: ClusterConfig, verbose: bool = False) -> RayInfo:
             # this machine (ray.init() would join it and refuse num_cpus with a ValueError).
             kwargs.update(address="local", num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
                           include_dashboard=cluster.dashboard)
+            if cluster.object_store_gib:
+                kwargs["object_store_memory"] = int(cluster.object_store_gib * 2**30)
             _single_machine_mode()
             if cluster.dashboard:
                 port, note = dashboard_port(cluster.dashboard_host, int(cluster.dashboard_port))
