@@ -106,12 +106,14 @@ def work(tiny_model, tmp_path_factory):
 
 
 def _run(tools: Path, tool: str, *args: str, until: str | None = None) -> str:
-    for _ in range(5):
+    for _ in range(12):
         threads = ["2"] if tool == "llama-quantize" else ["-t", "2"]  # llama-quantize: a positional
         proc = subprocess.run([str(tools / tool), *args, *threads], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         out = proc.stdout + proc.stderr
-        # llama.cpp's logger is asynchronous and now and then loses its last lines at exit.
+        # llama.cpp's logger is asynchronous and now and then loses its last lines at exit (on a
+        # loaded machine about every other run): ``until`` names a line of the final block (the
+        # per-chunk table's header says "Same top p" too, the final line "Same top p:").
         if until is None or until in out:
             return out
     raise AssertionError(f"{tool} never printed {until!r}")
@@ -161,7 +163,7 @@ def _llama_kld(tools, base_file: Path, candidate: Path, chunks: int | None = N_C
     """llama-perplexity's KL-divergence statistics of ``candidate`` against ``base_file``."""
     limit = ["--chunks", str(chunks)] if chunks else []
     out = _run(tools, "llama-perplexity", "-m", str(candidate), "--kl-divergence-base", str(base_file),
-               "--kl-divergence", "-c", str(N_CTX), "-b", str(N_CTX), *limit, "-fa", "off", until="Same top p")
+               "--kl-divergence", "-c", str(N_CTX), "-b", str(N_CTX), *limit, "-fa", "off", until="Same top p:")
     return out[out.index("====== Perplexity statistics"):]
 
 
