@@ -62,14 +62,6 @@ def per_language_chunk_means(row: dict) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in out.items()}
 
 
-def row_value(row: dict) -> dict:
-    """A row's worst-language mean KLD with that language's SE (chunks as sampling units)."""
-    langs = {d["lang"]: d for d in json.loads(row.get("languages") or "[]")}
-    worst = row.get("worst_language", "")
-    return {"label": row["label"], "value": float(row["worst_language_kld"]),
-            "se": float(langs.get(worst, {}).get("kld_mean_chunk_se", float("nan"))), "worst_language": worst}
-
-
 def paired_gain(best: dict, uniform: dict, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
     """1 - worst(best) / worst(uniform) of per-domain mean KLD (equal-length chunks: the mean of
     chunk means), and its bootstrap SE resampling each domain's chunks with one draw for both."""
@@ -98,7 +90,7 @@ def main(argv=None) -> int:
 
     from ggufopt_ray.config import SweepConfig
     from ggufopt_ray.distributed.runtime import start_ray
-    from ggufopt_ray.searches import search_config
+    from ggufopt_ray.searches import make_search, search_config
     from ggufopt_ray.sweep import run_sweep
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-calibration-mix-"))
@@ -134,7 +126,8 @@ def main(argv=None) -> int:
     best, uniform = notes["best"], refs.get("uniform")
     gain, gain_se = (paired_gain(by_label[best["label"]], by_label[uniform["label"]])
                      if uniform else (None, None))
-    values = {r["label"]: row_value(r) for r in result.rows if r.get("worst_language_kld") is not None}
+    search = make_search(cfg.search)  # its value_of: the objective with its SE, as the sweep's notes give it
+    values = {r["label"]: search.value_of(r) for r in result.rows if r.get("worst_language_kld") is not None}
     mixes = {k: v for k, v in values.items() if "imatrix " in k}
     best_imx = min(mixes.values(), key=lambda v: v["value"]) if mixes else None
     gain_imx, gain_imx_se = (paired_gain(by_label[best_imx["label"]], by_label[uniform["label"]])

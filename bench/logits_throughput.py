@@ -8,7 +8,7 @@ sides alike; the figures that matter are the ratios.
    llama-cpp-python ``eval`` loop, same model, n_ctx/n_batch/n_ubatch/threads.
 2. ``ratio_vs_llama_perplexity`` (target >= 1.0): our baseline pass — logits of the scored half
    of each chunk, log-softmaxed, encoded and committed to a baseline store, as ``ggufopt logits``
-   runs it (``commands.logits.compute_into_store``: ``distributed.baseline.baseline_payloads``,
+   runs it (``commands.logits.compute_into_store``: ``evaluation.baseline_payloads``,
    the LogitsWorker's code, ``n_batch // n_ctx`` chunks per decode, with the store writes on a
    writer thread) — vs ``llama-perplexity --kl-divergence-base FILE`` on the same model, text,
    chunks (n_ctx), n_batch/n_ubatch and threads, with ``-fa off`` (ours runs without flash
@@ -114,7 +114,7 @@ def find_llama_perplexity(explicit: str | None) -> Path | None:
 
 def payloads_compute(engine, chunks, encoding: str, first: int, store=None) -> list[dict]:
     """What a LogitsWorker computes: ``baseline_payloads``, ``engine.n_seq`` chunks per decode."""
-    from ggufopt_ray.distributed.baseline import baseline_payloads
+    from ggufopt_ray.evaluation import baseline_payloads
 
     out = []
     for g in range(0, len(chunks), engine.n_seq):

@@ -1,6 +1,6 @@
 """The baseline pass's fast path gives the numbers of the plain path (issue 14).
 
-``distributed.baseline.baseline_payloads`` reads each chunk's rows straight from llama.cpp's
+``evaluation.baseline_payloads`` reads each chunk's rows straight from llama.cpp's
 buffer (``LogitsEngine.map_logits``) and encodes raw logits (``encode_logits``, which fuses the
 log-softmax into the float16 encoder); ``evaluation.baseline_payload`` copies the rows, runs
 ``kld.log_softmax`` and then ``encode``. The float16 encoder itself works in float32 with bit
@@ -131,7 +131,7 @@ def test_map_logits_hands_out_llama_cpp_rows_without_copying(request, model_fixt
 
 @pytest.mark.parametrize("encoding", ["float16", "exact", "llamacpp_uint16"])
 def test_baseline_payloads_equal_baseline_payload(tiny_model, encoding):
-    from ggufopt_ray.distributed.baseline import baseline_payloads
+    from ggufopt_ray.evaluation import baseline_payloads
     from ggufopt_ray.evaluation import baseline_payload
 
     n_ctx, first = 128, 64
@@ -153,7 +153,7 @@ def test_baseline_payloads_equal_baseline_payload(tiny_model, encoding):
 
 def test_compute_into_store_commits_every_chunk(tiny_model, tmp_path):
     from ggufopt_ray.commands.logits import compute_into_store
-    from ggufopt_ray.distributed.baseline import baseline_payloads
+    from ggufopt_ray.evaluation import baseline_payloads
     from ggufopt_ray.store.baseline import BaselineStore
 
     n_ctx, first = 64, 32

@@ -126,6 +126,7 @@ def test_calibration_mix_sweep_answers_with_the_worst_language(mix_sweep):
     labels = sorted(r["label"] for r in result.rows)
     assert labels == sorted(["Q3_K_S (no imatrix)", "Q3_K_S imatrix en100 (4 chunks)",
                              "Q3_K_S imatrix code100 (4 chunks)", "Q3_K_S imatrix code50+en50 (4 chunks)"])
+    assert not any(r["fitted_to_budget"] for r in result.rows)  # every plan is what was sampled
     worst = {}
     for row in result.rows:
         means = _language_means(row)

@@ -91,7 +91,7 @@ def compute_into_store(engine, store, chunks, todo, encoding: str, first: int, p
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
-    from ggufopt_ray.distributed.baseline import baseline_payloads
+    from ggufopt_ray.evaluation import baseline_payloads
 
     def commit(i, payload):
         store.write_payload(i, chunks[i], payload)

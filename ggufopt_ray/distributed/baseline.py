@@ -15,42 +15,13 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
 
 import numpy as np
 import ray
 
 from ggufopt_ray.config import ClusterConfig
 from ggufopt_ray.engine import LogitsEngine, RuntimeSettings
-
-
-def baseline_payloads(engine: LogitsEngine, chunks: Sequence[np.ndarray], encoding: str, first: int,
-                      on_payload: Callable[[int, dict], None] | None = None) -> list[dict]:
-    """Encoded baseline log-probabilities of the scored rows of each chunk (the payloads that
-    ``evaluation.baseline_payload`` gives one at a time, same codes), ``engine.n_seq`` chunks per
-    decode; ``on_payload(j, payload)`` is called as soon as chunk ``j``'s payload is ready (a
-    writer can start on it while the others of its decode are encoded).
-
-    The hot path of the baseline pass, shared by the Ray workers, ``ggufopt logits`` and
-    bench/logits_throughput.py: the encoding reads each chunk's rows straight from llama.cpp's
-    output buffer (``map_logits``: no 4·n_vocab-byte copy per token) and fuses the log-softmax
-    into its own row-block pass (``encode_logits``) on the engine's threads, which are idle
-    between decodes. Row ``j`` predicts token ``j + 1``, so the last row is not scored.
-    """
-    from ggufopt_ray.evaluation import engine_threads
-    from ggufopt_ray.metrics.encodings import get_encoding
-
-    enc = get_encoding(encoding)
-    threads = engine_threads(engine)
-    chunks = [np.asarray(c) for c in chunks]
-
-    def encode(j: int, rows: np.ndarray) -> dict:
-        payload = enc.encode_logits(rows[:-1], chunks[j][first + 1:], threads=threads)
-        if on_payload is not None:
-            on_payload(j, payload)
-        return payload
-
-    return engine.map_logits(chunks, encode, first)
+from ggufopt_ray.evaluation import baseline_payloads
 
 
 @ray.remote

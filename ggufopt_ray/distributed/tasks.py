@@ -137,9 +137,7 @@ def build_imatrix_task(model_path: str, chunks: list, out_path: str, n_ctx: int,
         else:
             out.parent.mkdir(parents=True, exist_ok=True)
             im = collect_imatrix(model_path, chunks, n_ctx=n_ctx, n_threads=threads)
-            tmp = out.with_name(f"{out.stem}.{os.getpid()}.partial{out.suffix}")
-            im.save(tmp)
-            tmp.replace(out)
+            im.save(out)
     return {"path": str(out), "hash": im.hash(), "chunks": im.chunk_count, "node_id": _node_id()}
 
 
@@ -159,9 +157,7 @@ def build_imatrix_prefixes_task(model_path: str, chunks: list, out_paths: list, 
             with ImatrixCollector(model_path, settings) as collector:
                 for chunk, out in zip(chunks, outs):
                     collector.add_chunk(chunk)
-                    tmp = out.with_name(f"{out.stem}.{os.getpid()}.partial{out.suffix}")
-                    collector.imatrix.save(tmp)
-                    tmp.replace(out)
+                    collector.imatrix.save(out)
     return {"paths": [str(o) for o in outs], "node_id": _node_id()}
 
 

@@ -127,9 +127,7 @@ def prepare_imatrix(recipe: Recipe, ctx: TrialContext) -> str | None:
     paths = [_language_prefix(ctx, p.lang, len(p.indices)) for p in parts]
     mixed = combine_parts(parts, [load_imatrix(p) for p in paths], label="mix:" + mix_label(recipe.imatrix_mix))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.stem}.{os.getpid()}.partial{out.suffix}")
-    mixed.save(tmp)
-    tmp.replace(out)
+    mixed.save(out)
     return str(out)
 
 

@@ -29,6 +29,7 @@ Files: llama.cpp's GGUF imatrix format (``general.type = imatrix``, ``imatrix.da
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,7 +139,10 @@ class Imatrix:
 
     # -- files ----------------------------------------------------------------------------------
     def save(self, path: str | Path, fmt: str | None = None) -> Path:
-        """Write to ``path`` atomically; ``fmt`` ``gguf`` or ``dat`` (default: by suffix, .dat -> dat)."""
+        """Write to ``path`` atomically; ``fmt`` ``gguf`` or ``dat`` (default: by suffix, .dat -> dat).
+
+        The temporary file's name carries the process id: trials of one sweep (or two sweeps on one
+        cache) may save the same imatrix at once, and each must rename only its own complete file."""
         path = Path(path)
         fmt = fmt or ("dat" if path.suffix.lower() == ".dat" else "gguf")
         if fmt not in ("gguf", "dat"):
@@ -147,7 +151,7 @@ class Imatrix:
             raise UserError("the imatrix is empty (no tensor saw any token); feed it at least one chunk")
         if not path.parent.exists():
             raise UserError(f"output folder {path.parent} does not exist; create it first")
-        tmp = path.with_name(path.name + ".partial")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
         if fmt == "gguf":
             self._write_gguf(tmp)
         else:

@@ -272,9 +272,8 @@ class Allocate(Search):
 
     def _summary(self, summaries: dict) -> dict:
         """Every base's loop, and predicted vs measured over all of them (out of sample)."""
-        out: dict = {"per_base": {}}
-        measured, pred, pred_add = [], [], []
-        frontier = []
+        out: dict = {"per_base": {}, "measured": []}
+        loop_ms, frontier = [], []
         for base, (result, table) in summaries.items():
             f = result.frontier
             keep = np.unique(np.linspace(0, len(f) - 1, num=min(len(f), 300)).astype(int)) if len(f) else []
@@ -289,14 +288,12 @@ class Allocate(Search):
                 "spearman_predicted_vs_measured": result.overall.spearman, "prediction": result.overall.to_dict(),
                 "rounds": [{"round": r.round, "measured": r.n_new, "improved": r.improved,
                             "vs_measured": r.vs_measured.to_dict()} for r in result.rounds]}
-            out.setdefault("measured", []).extend(rows)
-            for m in result.measurements:
-                if m.round >= 0 and math.isfinite(m.measured):
-                    measured.append(m.measured)
-                    pred.append(m.predicted)
-                    pred_add.append(m.predicted_additive)
+            out["measured"].extend(rows)
+            loop_ms += [m for m in result.measurements if m.round >= 0]  # as LoopResult.overall counts them
         primary = summaries.get(self.cfg.base_type) or next(iter(summaries.values()), None)
-        overall, additive = compare(pred, measured), compare(pred_add, measured)
+        measured = [m.measured for m in loop_ms]
+        overall = compare([m.predicted for m in loop_ms], measured)
+        additive = compare([m.predicted_additive for m in loop_ms], measured)
         out.update({
             "stop_reason": "; ".join(f"{b}: {r.stop_reason}" for b, (r, _) in summaries.items()),
             "reference_kld": primary[1].reference_kld if primary else math.nan,
@@ -305,7 +302,6 @@ class Allocate(Search):
             "rounds": [rd for b in out["per_base"].values() for rd in b["rounds"]],
             "predicted_frontier": sorted(frontier, key=lambda p: p["bytes"]),
         })
-        out.setdefault("measured", [])
         return out
 
     def _recommend(self, rows, output_dir, log) -> None:

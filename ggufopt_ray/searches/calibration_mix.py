@@ -136,8 +136,8 @@ class CalibrationMix(Search):
         total = int(config.get("mix_chunks") or self._totals()[-1])
         ftype = str(config.get("ftype") or self.cfg.base_type)
         if not mix:
-            recipe = Recipe(kind="quant", ftype=ftype)
-            return TrialPlan(recipe, recipe.label(), name=f"{ftype} (no imatrix)")
+            name = f"{ftype} (no imatrix)"
+            return TrialPlan(Recipe(kind="quant", ftype=ftype), name, name=name)
         recipe = Recipe(kind="quant", ftype=ftype, imatrix_chunks=total, imatrix_mix=mix)
         name = f"{ftype} imatrix {mix_label(mix)} ({total} chunks)"
         return TrialPlan(recipe, name, name=name)
@@ -156,7 +156,7 @@ class CalibrationMix(Search):
     def stops_per_language(self) -> bool:
         return self.cfg.language_objective != "pooled"
 
-    def _value(self, row: dict) -> dict:
+    def value_of(self, row: dict) -> dict:
         """The objective of a finished row with its standard error (chunks as sampling units)."""
         key = LANGUAGE_OBJECTIVES[self.cfg.language_objective]
         langs = {d["lang"]: d for d in json.loads(row.get("languages") or "[]")}
@@ -179,15 +179,15 @@ class CalibrationMix(Search):
             return {}
         best = min(done, key=lambda r: float(r[key]))
         by_label = {r["label"]: r for r in done}
+        total = self._totals()[-1]
         refs = {}
-        for name, point in zip(("no_imatrix", "reference_language", "uniform"), self.references(self._totals()[-1])):
+        for name, point in zip(("no_imatrix", "reference_language", "uniform"), self.references(total)):
             row = by_label.get(self.plan(point).label)
             if row is not None:
-                refs[name] = self._value(row)
-        total = self._totals()[-1]
-        single = {lang: self._value(by_label[label]) for lang in self.langs
+                refs[name] = self.value_of(row)
+        single = {lang: self.value_of(by_label[label]) for lang in self.langs
                   if (label := self.plan(self._point({lang: 1.0}, total)).label) in by_label}
-        out = {"objective": key, "best": self._value(best), "references": refs, "single_languages": single}
+        out = {"objective": key, "best": self.value_of(best), "references": refs, "single_languages": single}
         uniform = refs.get("uniform")
         if uniform and uniform["value"] > 0:
             out["gain_vs_uniform"] = 1.0 - float(best[key]) / uniform["value"]
