@@ -53,13 +53,17 @@ class MetricsConfig:
     margin: float = 0.1  # stop when the CI half-width < margin * estimate
     min_chunks: int = 4
     # Racing: candidates are compared on the chunks they share; one that a no-larger candidate
-    # beats with confidence stops (dominated_by=...), and the others' means borrow strength
-    # from the candidate evaluated deepest (a control variate) before the precision rule acts.
+    # beats with confidence stops (dominated_by=...), and means borrow strength from the other
+    # candidates' chunks (two-way fit of chunk difficulty) before the precision rule acts.
     racing: bool = True
     alpha: float = 0.05  # chance that a candidate on the size/quality front is ever stopped as dominated
     min_paired_chunks: int = 3  # shared chunks before any dominance decision
     max_chunks: Optional[int] = None  # cap on chunks per candidate; null = every evaluation chunk
-    control: str = "auto"  # auto | reference | none: what the means borrow strength from
+    control: str = "auto"  # auto | twoway | reference | entropy | none: what the means borrow strength from
+    # staggered: candidates share the first min_chunks chunks, then each walks the rest from its
+    # own offset, so early stops cover different chunks and every chunk's difficulty is learned
+    # once per sweep (two-way estimator); shared: every candidate in the same order
+    chunk_order: str = "staggered"
     per_language: bool = False  # the precision rule must hold in every language's chunks, not only pooled
 
 

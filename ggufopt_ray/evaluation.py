@@ -122,7 +122,8 @@ def racing_config(cfg: MetricsConfig, n_chunks: int, n_candidates: int):
         return None
     return RacingConfig(target=cfg.target, alpha=cfg.alpha, min_paired_chunks=min(cfg.min_paired_chunks, cap),
                         max_comparisons=max(1, n_candidates - 1), max_chunks=cap, confidence=cfg.confidence,
-                        margin=cfg.margin, min_chunks=min(max(3, cfg.min_chunks), cap), control=cfg.control)
+                        margin=cfg.margin, min_chunks=min(max(3, cfg.min_chunks), cap), control=cfg.control,
+                        order=cfg.chunk_order)
 
 
 def stop_decision(per_chunk: list[dict], cfg: MetricsConfig) -> tuple[bool, str]:
@@ -137,11 +138,33 @@ def stop_decision(per_chunk: list[dict], cfg: MetricsConfig) -> tuple[bool, str]
     return decision.stop, decision.reason
 
 
+def chunk_id_text(ids: Sequence[int]) -> str:
+    """Chunk ids as a compact string for a results row ("0-3,17-20"): rows stay flat scalars."""
+    parts, start = [], None
+    for k, i in enumerate(ids):
+        if start is None:
+            start = i
+        if k + 1 == len(ids) or ids[k + 1] != i + 1:
+            parts.append(str(start) if start == i else f"{start}-{i}")
+            start = None
+    return ",".join(parts)
+
+
+def parse_chunk_ids(text: str) -> list[int]:
+    """The inverse of ``chunk_id_text``."""
+    out: list[int] = []
+    for part in filter(None, str(text or "").split(",")):
+        a, _, b = part.partition("-")
+        out.extend(range(int(a), int(b or a) + 1))
+    return out
+
+
 @dataclass
 class EvaluationRun:
-    """A candidate's evaluation so far: per-chunk metrics in chunk order, and how it went."""
+    """A candidate's evaluation so far: per-chunk metrics in evaluation order, and how it went."""
 
     per_chunk: list[dict] = field(default_factory=list)
+    chunk_ids: list[int] = field(default_factory=list)  # the chunk of each per_chunk entry
     reason: str = "all_chunks"  # why it ended: all_chunks, or the stop rule's reason
     computed: int = 0  # chunks computed in this run (the others came back from the results store)
     compute_seconds: float = 0.0  # engine + comparison time of the computed chunks
@@ -158,7 +181,8 @@ def evaluate_candidate(n_chunks: int, tokens_of: Callable[[int], np.ndarray], pa
                        results, open_engine: Callable[[], object], encoding: str, first: int, *,
                        stop_rule: Callable[[list[dict]], tuple[bool, str]] | None = None,
                        on_chunk: Callable[[int, EvaluationRun], None] | None = None,
-                       keep_logprobs: Callable[[int, np.ndarray, np.ndarray], None] | None = None) -> EvaluationRun:
+                       keep_logprobs: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+                       order: Sequence[int] | None = None) -> EvaluationRun:
     """The one chunk loop behind ``ggufopt bench`` and every sweep trial.
 
     Chunk ``i`` comes back from ``results`` (a ResultsStore) when it was committed before, so a
@@ -167,11 +191,13 @@ def evaluate_candidate(n_chunks: int, tokens_of: Callable[[int], np.ndarray], pa
     ``payload_of(i)`` and the metrics are committed. After each chunk ``stop_rule(per_chunk)``
     may end the run and ``on_chunk(i, run)`` reports (``run.done`` marks the last report).
     ``keep_logprobs(i, tokens, logprobs)`` receives the candidate's own log-probs of computed chunks.
+    ``order``: the chunks to evaluate, in this order (default 0..n_chunks-1; racing staggers it).
     """
     run = EvaluationRun()
     engine = None
+    order = list(range(n_chunks)) if order is None else [int(i) for i in order]
     try:
-        for i in range(n_chunks):
+        for step, i in enumerate(order):
             run.last_computed = not results.has(i)
             if not run.last_computed:
                 metrics = results.read(i)
@@ -190,11 +216,12 @@ def evaluate_candidate(n_chunks: int, tokens_of: Callable[[int], np.ndarray], pa
                 run.computed += 1
                 run.tokens_computed += len(tokens)
             run.per_chunk.append(metrics)
+            run.chunk_ids.append(i)
             stop, why = stop_rule(run.per_chunk) if stop_rule is not None else (False, "all_chunks")
-            last = i == n_chunks - 1
-            if stop and not last:
+            end = step == len(order) - 1
+            if stop and not (end and len(order) == n_chunks):  # a stop at the very last chunk is all_chunks
                 run.reason = why
-            run.done = bool(stop or last)
+            run.done = bool(stop or end)
             if on_chunk is not None:
                 on_chunk(i, run)
             if stop:

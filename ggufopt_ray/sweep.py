@@ -147,6 +147,7 @@ def scored_from(cfg: SweepConfig) -> int:
 
 def validate_metrics(metrics) -> None:
     """The encoding and the stopping rule's settings, checked as the trials will use them."""
+    from ggufopt_ray.evaluation import racing_config
     from ggufopt_ray.metrics.encodings import get_encoding
     from ggufopt_ray.metrics.stopping import StoppingRule
 
@@ -155,6 +156,7 @@ def validate_metrics(metrics) -> None:
             get_encoding(metrics.encoding)
         StoppingRule(target=metrics.target, confidence=metrics.confidence, margin=metrics.margin,
                      min_chunks=metrics.min_chunks)
+        racing_config(metrics, max(metrics.min_chunks, metrics.min_paired_chunks, 3), 2)  # control, chunk_order
     except UserError as exc:
         raise UserError(f"metrics: {exc}") from None
 

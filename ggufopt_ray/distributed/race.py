@@ -22,6 +22,8 @@ from pathlib import Path
 
 import ray
 
+from ggufopt_ray.metrics.racing import RaceEntry, adjusted_mean
+
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class RaceBoard:
@@ -31,15 +33,28 @@ class RaceBoard:
         self.path = Path(state_path)
         self.state: dict[str, dict] = load_board(self.path)
 
+    def join(self, label: str, size: float) -> int:
+        """``label``'s place in the race (0, 1, ... in the order candidates first joined): it
+        picks the candidate's chunk order. A candidate that joined before (a retried trial, a
+        resumed sweep) keeps its place, so it finds its committed chunks again."""
+        entry = self.state.setdefault(label, {"size": float(size), "values": {}})
+        if "race_index" not in entry:
+            entry["race_index"] = 1 + max((e.get("race_index", -1) for e in self.state.values()), default=-1)
+            self._save()
+        return int(entry["race_index"])
+
     def post(self, label: str, size: float, index: int, value: float) -> dict:
         """Record ``label``'s value on chunk ``index``; returns every candidate's values so far."""
         entry = self.state.setdefault(label, {"size": float(size), "values": {}})
         entry["size"] = float(size)
         entry["values"][str(int(index))] = float(value)
+        self._save()
+        return self.state
+
+    def _save(self) -> None:
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.partial")
         tmp.write_text(json.dumps(self.state))
         tmp.replace(self.path)
-        return self.state
 
     def snapshot(self) -> dict:
         return self.state
@@ -53,12 +68,15 @@ def load_board(path: Path) -> dict:
         return {}
 
 
-def prefix_values(entry: dict) -> list[float]:
-    """A candidate's values on chunks 0, 1, ... up to its first missing chunk."""
-    values, out, i = entry["values"], [], 0
-    while str(i) in values:
-        out.append(values[str(i)])
-        i += 1
+def board_entries(state: dict, exclude: str | None = None) -> list:
+    """The board's candidates as RaceEntry (values with their chunk ids; their order is irrelevant
+    to every decision about *other* candidates)."""
+    out = []
+    for label, e in state.items():
+        if label == exclude or not e.get("values"):
+            continue
+        ids = sorted(int(i) for i in e["values"])
+        out.append(RaceEntry(label, e["size"], [e["values"][str(i)] for i in ids], chunk_ids=ids))
     return out
 
 
@@ -70,12 +88,10 @@ def start_board(output_dir: Path, run_tag: str):
 def final_estimates(state: dict, cfg) -> dict[str, dict]:
     """Every candidate's regression-adjusted mean with what the whole sweep measured.
 
-    A candidate that stopped early borrowed strength from the deepest candidate *at that time*;
-    at the end the reference may have gone further, so the published estimate is recomputed here
+    A candidate that stopped early borrowed strength from what the others had measured *at that
+    time*; at the end they have measured more, so the published estimate is recomputed here
     with the final data (same estimator, :func:`ggufopt_ray.metrics.racing.adjusted_mean`)."""
-    from ggufopt_ray.metrics.racing import RaceEntry, adjusted_mean
-
-    entries = [RaceEntry(label, e["size"], prefix_values(e)) for label, e in state.items()]
+    entries = board_entries(state)
     out = {}
     for e in entries:
         if e.n_chunks:

@@ -26,15 +26,16 @@ from ray import tune
 from ggufopt_ray.calibration import combine_parts, mix_file_label, mix_label, mix_parts
 from ggufopt_ray.candidates import Candidate, Recipe
 from ggufopt_ray.config import ClusterConfig, MetricsConfig
-from ggufopt_ray.distributed.race import prefix_values
+from ggufopt_ray.distributed.race import board_entries
 from ggufopt_ray.distributed.tasks import (build_candidate_task, build_imatrix_prefixes_task, build_imatrix_task,
                                            fetch_to_local, on_this_node, task_options)
 from ggufopt_ray.engine import LogitsEngine, RuntimeSettings
 from ggufopt_ray.engine.imatrix import load_imatrix
 from ggufopt_ray.errors import UserError
-from ggufopt_ray.evaluation import EvaluationRun, evaluate_candidate, stop_decision, summarize
+from ggufopt_ray.evaluation import EvaluationRun, chunk_id_text, evaluate_candidate, stop_decision, summarize
 from ggufopt_ray.metrics.languages import group_by_language, summarize_languages
-from ggufopt_ray.metrics.racing import RaceDecision, RaceEntry, RacingConfig, per_chunk_values, race_decision
+from ggufopt_ray.metrics.racing import (RaceDecision, RaceEntry, RacingConfig, chunk_order, per_chunk_values,
+                                        race_decision)
 from ggufopt_ray.searches import Search
 from ggufopt_ray.store.results import ResultsStore
 
@@ -183,9 +184,11 @@ def _evaluate(plan, base_row: dict, ctx: TrialContext, t_start: float) -> None:
         log_event(ctx, "damaged_chunk", label=plan.label, path=str(path), problem=why)
     fetched = [0]
     race = RaceRule(ctx, plan.label, cand.bits_per_weight) if ctx.racing is not None else None
+    order = race.order if race is not None else list(range(len(ctx.tokens)))
+    langs = [ctx.langs[i] for i in order] if ctx.langs else []  # each evaluated chunk's language, in order
     stop_rule = race if race is not None else (lambda per_chunk: stop_decision(per_chunk, ctx.metrics))
     if (ctx.metrics.per_language or ctx.search.stops_per_language()) and len(set(ctx.langs)) > 1:
-        stop_rule = every_language(stop_rule, ctx)
+        stop_rule = every_language(stop_rule, ctx.metrics, langs)
 
     def payload_of(i: int) -> dict:
         fetched[0] += 1
@@ -199,8 +202,8 @@ def _evaluate(plan, base_row: dict, ctx: TrialContext, t_start: float) -> None:
         # Per-language statistics: in the final row, and in every row of a search that optimises
         # a language's number (its objective needs them while the trial runs).
         by_language = len(set(ctx.langs)) > 1 and (run.done or ctx.search.by_language)
-        lang_fields = language_fields(run.per_chunk, ctx.langs, 200 if run.done else 0) if by_language else {}
-        row = {**base_row, **summary, "chunks": len(run.per_chunk),
+        lang_fields = language_fields(run.per_chunk, langs, 200 if run.done else 0) if by_language else {}
+        row = {**base_row, **summary, "chunks": len(run.per_chunk), "chunk_ids": chunk_id_text(run.chunk_ids),
                "bits_per_weight": cand.bits_per_weight, "size_bytes": cand.size_bytes,
                "candidate_cached": cand.cached, "build_seconds": cand.build_seconds,
                "imatrix_hash": cand.imatrix_hash or "",
@@ -218,13 +221,13 @@ def _evaluate(plan, base_row: dict, ctx: TrialContext, t_start: float) -> None:
 
     run = evaluate_candidate(len(ctx.tokens), lambda i: ctx.tokens[i], payload_of, store,
                              lambda: LogitsEngine(cand.path, ctx.trial_settings()), ctx.encoding, ctx.first,
-                             stop_rule=stop_rule, on_chunk=report)
+                             stop_rule=stop_rule, on_chunk=report, order=order)
     log_event(ctx, "trial_done", label=plan.label, chunks=len(run.per_chunk), computed=run.computed)
 
 
 def language_fields(per_chunk: list[dict], langs: list[str], n_boot: int = 200) -> dict:
     """The worst language, the mean over languages, and every language's statistics (for
-    languages.parquet)."""
+    languages.parquet). ``langs``: the language of each entry of ``per_chunk``."""
     breakdown = summarize_languages(per_chunk, list(langs)[:len(per_chunk)], n_boot=n_boot)
     means = [s.kld_mean for s in breakdown.languages.values()]
     return {"worst_language": breakdown.worst_language or "", "worst_language_kld": breakdown.worst_language_kld,
@@ -232,17 +235,18 @@ def language_fields(per_chunk: list[dict], langs: list[str], n_boot: int = 200) 
             "languages": json.dumps(breakdown.rows(), default=float)}
 
 
-def every_language(rule, ctx: TrialContext):
+def every_language(rule, metrics, langs: list[str]):
     """``metrics.per_language``: a precision stop must hold in every language's own chunks (a
-    candidate fine on average may be poor on the smallest language); dominance stops as it is."""
+    candidate fine on average may be poor on the smallest language); dominance stops as it is.
+    ``langs``: the language of each chunk in evaluation order."""
     def decide(per_chunk: list[dict]) -> tuple[bool, str]:
         stop, why = rule(per_chunk)
         if not stop or why.startswith("dominated_by"):
             return stop, why
-        groups = group_by_language(per_chunk, list(ctx.langs)[:len(per_chunk)])
-        if len(groups) < len(set(ctx.langs)):
+        groups = group_by_language(per_chunk, list(langs)[:len(per_chunk)])
+        if len(groups) < len(set(langs)):
             return False, "running"  # a language not seen yet cannot be precise
-        ok = all(stop_decision([{"kld": m.kld} for m in chunks], ctx.metrics)[0] for chunks in groups.values())
+        ok = all(stop_decision([{"kld": m.kld} for m in chunks], metrics)[0] for chunks in groups.values())
         return (True, why) if ok else (False, "running")
     return decide
 
@@ -255,13 +259,21 @@ class RaceRule:
         self.ctx, self.label, self.size = ctx, label, float(size)
         self.values: list[float] = []
         self.decision: RaceDecision | None = None
+        cfg = ctx.racing
+        self.race_index = ray.get(ctx.board.join.remote(label, self.size))
+        # The chunks this candidate evaluates, in order (staggered: its own offset after the
+        # shared anchor chunks; racing.chunk_order).
+        self.order = (chunk_order(self.race_index, cfg.max_chunks, cfg.anchor) if cfg.order == "staggered"
+                      else list(range(cfg.max_chunks)))
 
     def __call__(self, per_chunk: list[dict]) -> tuple[bool, str]:
         cfg = self.ctx.racing
         self.values.extend(per_chunk_values(per_chunk[len(self.values):], cfg.target))
-        state = ray.get(self.ctx.board.post.remote(self.label, self.size, len(self.values) - 1, self.values[-1]))
-        others = [RaceEntry(label, e["size"], prefix_values(e)) for label, e in state.items() if label != self.label]
-        me = RaceEntry(self.label, self.size, list(self.values), chunks=per_chunk if cfg.target != "mean" else None)
+        k = len(self.values)
+        state = ray.get(self.ctx.board.post.remote(self.label, self.size, self.order[k - 1], self.values[-1]))
+        others = board_entries(state, exclude=self.label)
+        me = RaceEntry(self.label, self.size, list(self.values), chunks=per_chunk if cfg.target != "mean" else None,
+                       chunk_ids=self.order[:k])
         self.decision = race_decision([me, *others], self.label, cfg)
         return self.decision.stop, self.decision.reason
 

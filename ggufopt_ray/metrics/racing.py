@@ -93,7 +93,9 @@ from ggufopt_ray.errors import UserError
 from ggufopt_ray.metrics.stats import STATISTICS, kld_arrays, statistic_of
 from ggufopt_ray.metrics.stopping import TARGET_ALIASES, StoppingRule, decide
 
-CONTROLS = ("auto", "reference", "entropy", "none")
+CONTROLS = ("auto", "twoway", "reference", "entropy", "none")
+ORDERS = ("staggered", "shared")
+_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0  # offsets r * 0.618.. mod 1 spread evenly for any count r
 
 
 @lru_cache(maxsize=4096)
@@ -124,7 +126,8 @@ class RacingConfig:
     margin: float = 0.05
     min_chunks: int = 8
     patience: int = 3
-    control: str = "auto"  # auto | reference | entropy | none
+    control: str = "auto"  # auto | twoway | reference | entropy | none
+    order: str = "staggered"  # staggered | shared: the chunk order of each candidate (chunk_order)
     population: str = "finite"  # finite (the sweep's max_chunks chunks) | infinite (the corpus)
     n_boot: int = 500  # percentiles/composite: stopping.py's bootstrap rule
     seed: int = 0
@@ -157,6 +160,24 @@ class RacingConfig:
             raise UserError(f"racing control {self.control!r} is unknown; use one of {', '.join(CONTROLS)}")
         if self.population not in ("finite", "infinite"):
             raise UserError(f"racing population {self.population!r} is unknown; use finite or infinite")
+        if self.order not in ORDERS:
+            raise UserError(f"racing chunk order {self.order!r} is unknown; use staggered or shared")
+        if self.order == "staggered" and self.control in ("reference", "entropy"):
+            raise UserError(f"control={self.control} needs every candidate on the same chunk order; "
+                            f"set metrics.chunk_order=shared, or use control=auto (two-way with staggered)")
+
+    @property
+    def anchor(self) -> int:
+        """Chunks every candidate evaluates first, in the same order (paired comparisons start there)."""
+        return min(max(self.min_chunks, self.min_paired_chunks), self.max_chunks)
+
+    @property
+    def resolved_control(self) -> str:
+        """auto: the two-way estimator with staggered orders; with shared orders, a reference
+        ahead else the baseline's entropy (see :func:`choose_control`)."""
+        if self.control == "auto" and self.order == "staggered":
+            return "twoway"
+        return self.control
 
     @property
     def looks(self) -> int:
@@ -187,10 +208,45 @@ class RaceEntry:
     size: float
     values: Sequence[float]
     chunks: Sequence | None = None
+    chunk_ids: Sequence[int] | None = None  # the chunk of each value (None: chunks 0, 1, 2, ...)
 
     @property
     def n_chunks(self) -> int:
         return len(self.values)
+
+    @property
+    def ids(self) -> list[int]:
+        return list(range(len(self.values))) if self.chunk_ids is None else [int(i) for i in self.chunk_ids]
+
+    def cells(self) -> dict[int, float]:
+        """{chunk: value}."""
+        return dict(zip(self.ids, (float(v) for v in self.values)))
+
+    def first(self, n: int) -> "RaceEntry":
+        """The entry as it was after its first ``n`` chunks (in evaluation order)."""
+        ids = None if self.chunk_ids is None else list(self.chunk_ids)[:n]
+        chunks = None if self.chunks is None else list(self.chunks)[:n]
+        return RaceEntry(self.label, self.size, list(self.values)[:n], chunks, ids)
+
+
+def chunk_order(race_index: int, n_chunks: int, anchor: int) -> list[int]:
+    """The order in which the ``race_index``-th candidate of a sweep evaluates chunks 0..n_chunks-1.
+
+    Every candidate starts with the same ``anchor`` chunks (so every pair has paired chunks for
+    the dominance test and the two-way fit is connected), then walks the remaining chunks
+    cyclically from its own offset, ``race_index * 0.618... mod 1`` of the way round (offsets of
+    any number of candidates spread evenly). Candidates that stop early therefore cover
+    *different* chunks together, and the two-way estimator (``twoway_estimate``) learns every
+    chunk's difficulty from whoever saw it: chunk coverage is paid once per sweep, not once per
+    candidate. The order depends on the index only, never on values, and the chunk list itself
+    is shuffled, so each candidate's chunks are still a random sample of the population.
+    """
+    anchor = max(0, min(anchor, n_chunks))
+    rest = n_chunks - anchor
+    if rest <= 0:
+        return list(range(n_chunks))
+    offset = int(((race_index * _GOLDEN) % 1.0) * rest)
+    return list(range(anchor)) + [anchor + (offset + i) % rest for i in range(rest)]
 
 
 def per_chunk_values(chunks: Sequence, target: str = "mean") -> list[float]:
@@ -259,18 +315,22 @@ def comparisons_for(candidates: Sequence[RaceEntry], label: str, cfg: RacingConf
 def find_dominator(candidates: Sequence[RaceEntry], label: str, cfg: RacingConfig) -> PairTest | None:
     """The strongest significant test that some no-larger candidate beats ``label``, or None.
 
-    Only pairs with at least ``min_paired_chunks`` common chunks are tested; the per-look alpha
+    Pairs are compared on the chunks both have evaluated (whatever their orders); only pairs
+    with at least ``min_paired_chunks`` common chunks are tested; the per-look alpha
     is ``alpha / (m * looks)`` (Bonferroni over comparisons and over looks).
     """
     me = _entry(candidates, label)
     alpha_look = cfg.alpha / (comparisons_for(candidates, label, cfg) * cfg.looks)
     best: PairTest | None = None
+    mine = me.cells()
     for other in candidates:
         if other.label == label or other.size > me.size:
             continue
-        if min(other.n_chunks, me.n_chunks) < cfg.min_paired_chunks:
+        theirs = other.cells()
+        common = [j for j in mine if j in theirs]
+        if len(common) < cfg.min_paired_chunks:
             continue
-        n, est, upper = paired_test(other.values, me.values, alpha_look, cfg.scale)
+        n, est, upper = paired_test([theirs[j] for j in common], [mine[j] for j in common], alpha_look, cfg.scale)
         test = PairTest(other.label, label, n, est, upper, alpha_look, cfg.scale)
         if test.significant and (best is None or _relative(test) < _relative(best)):
             best = test
@@ -388,10 +448,112 @@ def choose_control(candidates: Sequence[RaceEntry], label: str, cfg: RacingConfi
     return None, None
 
 
+def twoway_estimate(candidates: Sequence[RaceEntry], label: str, confidence: float = 0.95,
+                    population: int | None = None) -> AdjustedMean:
+    """``label``'s mean over the population of chunks, borrowing every chunk's difficulty from
+    whichever candidates evaluated it (the estimator of staggered chunk orders, ``chunk_order``).
+
+    Model: ``log y_cj = alpha_c + gamma_j + e_cj``, e iid with variance s^2 (chunk difficulty
+    multiplies every candidate's KLD: log per-chunk means correlate 0.77-0.92 between quant
+    types), fitted by least squares on every observed cell (chunks < ``population``; the
+    anchor chunks every candidate shares connect the design). The finite-population mean
+    ``(1/N) sum_j y_cj`` is estimated by the observed cells of ``label`` plus predictions
+    ``exp(alpha_c + gamma_j + s^2/2)`` of its unobserved cells: chunks seen by someone else use
+    that chunk's fitted difficulty; chunks nobody saw use the mean difficulty of the seen ones.
+    Variance (delta method): the fitted parameters' part ``s^2 g' (X'X)^+ g`` (g the gradient of
+    the predicted total), the unobserved cells' own noise ``s^2 sum yhat^2``, and for chunks
+    nobody saw the sampling variance of the seen chunks' mean difficulty,
+    ``S_D^2 (1/n_seen - 1/N)``. Degrees of freedom: residual df of the fit, combined with
+    ``n_seen - 1`` by Satterthwaite while some chunks are unseen. ``population=None`` targets
+    the corpus mean (every chunk unseen). Interval on the log scale, as elsewhere. Simulated
+    coverage at 95% (tests/test_racing.py): see the test's printout. Falls back to the plain
+    mean when the fit has under 2 residual degrees of freedom (nobody shares enough chunks
+    yet) or a value of ``label`` is not positive.
+    """
+    me = _entry(candidates, label)
+    limit = math.inf if population is None else population
+    mine = {j: v for j, v in me.cells().items() if j < limit}
+    plain_y = list(mine.values())
+    if len(mine) < 2 or min(plain_y) <= 0:
+        return regression_estimate(plain_y, None, confidence, population)
+    table = {label: mine}
+    for c in candidates:
+        if c.label != label:
+            cells = {j: v for j, v in c.cells().items() if j < limit and v > 0}
+            if cells:
+                table[c.label] = cells
+    cands = list(table)
+    chunks = sorted({j for cells in table.values() for j in cells})
+    col = {j: len(cands) + k for k, j in enumerate(chunks)}
+    n_par = len(cands) + len(chunks)
+    obs = [(ci, col[j], math.log(v)) for ci, c in enumerate(cands) for j, v in table[c].items()]
+    x = np.zeros((len(obs), n_par))
+    rows = np.arange(len(obs))
+    x[rows, [o[0] for o in obs]] = 1.0
+    x[rows, [o[1] for o in obs]] = 1.0
+    z = np.array([o[2] for o in obs])
+    u, sv, vt = np.linalg.svd(x, full_matrices=False)
+    keep = sv > sv[0] * 1e-10
+    rank = int(keep.sum())
+    dof = len(obs) - rank
+    if dof < 2:
+        return regression_estimate(plain_y, None, confidence, population)
+    inv = np.where(keep, 1.0 / np.where(keep, sv, 1.0), 0.0)
+    theta = vt.T @ (inv * (u.T @ z))
+    resid = z - x @ theta
+    s2 = float(resid @ resid) / dof
+    smear = math.exp(s2 / 2)
+    alpha = float(theta[0])  # label is cands[0]
+    difficulty = np.exp(theta[len(cands):])
+    grad = np.zeros(n_par)
+    unseen = [j for j in chunks if j not in mine]
+    y_unseen = np.array([math.exp(alpha) * difficulty[col[j] - len(cands)] * smear for j in unseen])
+    for j, yh in zip(unseen, y_unseen):
+        grad[0] += yh
+        grad[col[j]] += yh
+    n_seen = len(chunks)
+    y_new = math.exp(alpha) * float(difficulty.mean()) * smear  # a chunk nobody saw
+    s2_new = float(np.var(difficulty, ddof=1)) * (math.exp(alpha) * smear) ** 2 if n_seen > 1 else math.inf
+    if population is None:  # the corpus mean: every chunk is one nobody saw
+        est = y_new
+        g_new = np.zeros(n_par)
+        g_new[0] = y_new
+        g_new[len(cands):] = y_new * difficulty / difficulty.sum()
+        v_fit = s2 * float(g_new @ _cov_unit(vt, inv) @ g_new)
+        v_new = s2_new / n_seen
+    else:
+        n_new = population - n_seen
+        total = sum(plain_y) + float(y_unseen.sum()) + n_new * y_new
+        if n_new:
+            grad[0] += n_new * y_new
+            grad[len(cands):] += n_new * y_new * difficulty / difficulty.sum()
+        own = s2 * (float((y_unseen ** 2).sum()) + n_new * y_new ** 2)
+        v_fit = (s2 * float(grad @ _cov_unit(vt, inv) @ grad) + own) / population ** 2
+        v_new = s2_new * (1.0 / n_seen - 1.0 / population) if n_new else 0.0
+        est = total / population
+    var = v_fit + v_new
+    if v_new > 0 and math.isfinite(v_new):
+        df = int(var ** 2 / (v_fit ** 2 / dof + v_new ** 2 / max(n_seen - 1, 1)))
+    else:
+        df = dof
+    return _with_interval(est, math.sqrt(var) if math.isfinite(var) else math.inf, max(df, 1), len(mine),
+                          float(np.mean(plain_y)), "twoway", n_seen, math.nan, confidence)
+
+
+def _cov_unit(vt: np.ndarray, inv: np.ndarray) -> np.ndarray:
+    """(X'X)^+ from the SVD of X (the parameters' covariance per unit residual variance)."""
+    return (vt.T * inv ** 2) @ vt
+
+
 def adjusted_mean(candidates: Sequence[RaceEntry], label: str, cfg: RacingConfig,
                   entropy: Sequence[float] | None = None, n_chunks: int | None = None) -> AdjustedMean:
-    """``label``'s regression-adjusted mean (on its first ``n_chunks`` chunks, default all)."""
+    """``label``'s borrowed-strength mean (on its first ``n_chunks`` chunks, default all):
+    the two-way estimator with staggered orders, else the regression estimator."""
     me = _entry(candidates, label)
+    if cfg.resolved_control == "twoway":
+        cut = me.first(min(me.n_chunks, n_chunks if n_chunks is not None else me.n_chunks))
+        others = [c for c in candidates if c.label != label]
+        return twoway_estimate([cut, *others], label, cfg.confidence, cfg.population_size)
     name, x = choose_control(candidates, label, cfg, entropy)
     y = list(me.values)[: cfg.max_chunks]
     if n_chunks is not None:

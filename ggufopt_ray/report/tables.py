@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ggufopt_ray.evaluation import parse_chunk_ids
 from ggufopt_ray.report.format import fmt_interval, fmt_num, fmt_pm
 
 PARETO_X = "bits_per_weight"
@@ -67,7 +68,8 @@ def _write_token_values(rows: list[dict], path: Path) -> None:
             continue  # a candidate evaluated twice (Optuna may repeat a point) counts once
         seen.add(root)
         store = ResultsStore.open(root)
-        for i in range(int(r["chunks"])):
+        ids = parse_chunk_ids(r["chunk_ids"]) if r.get("chunk_ids") else range(int(r["chunks"]))
+        for i in ids:
             if not store.has(i):
                 break
             values = store.read(i)["kld"].astype(np.float32)
