@@ -75,6 +75,18 @@ candidate's own interval. Two uses of that, both pure functions of the per-chunk
    plain rule of stopping.py on their per-token arrays (``RaceEntry.chunks``): a pooled
    percentile is not a mean of per-chunk values, so the regression estimator does not apply.
 
+3. Staggered orders and the two-way estimator (``chunk_order``, ``twoway_estimate``; the
+   default, ``order="staggered"``). With every candidate in the same order, the chunk
+   difficulty of a chunk nobody but the deepest candidate reached is known only through that
+   one candidate, so borrowing needs one candidate to run (nearly) all chunks. Instead every
+   candidate evaluates the same ``anchor`` chunks first (paired chunks for dominance, and a
+   connected design), then walks the remaining chunks from its own offset: early stops of
+   different candidates cover different chunks, and a two-way fit of ``log y_cj = alpha_c +
+   gamma_j`` over every observed cell predicts each candidate's unseen chunks. Dominance then
+   pairs two candidates on the chunks both evaluated. Simulated (tests/test_racing.py, 6 types,
+   CV 0.3, margin 0.05): 0.58 of the chunks against 0.79 with shared orders, stop-time coverage
+   0.946; imatrix twins caught as dominated 89% (others stop by precision) against 100%.
+
 ``race_decision`` combines them: dominated -> stop (``dominated_by=<label>``); front candidates
 run to the precision target (``precision_reached``) or the cap (``max_chunks``); else
 ``running``. Decisions depend only on the values given, so a restarted sweep decides the same.

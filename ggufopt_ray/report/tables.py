@@ -198,10 +198,16 @@ def format_results_table(rows: list[dict], bub: bool = False) -> str:
             + (f"{r.get('worst_language') or '-'}: {fmt_num(r.get('worst_language_kld'), 3, trim=False)} | "
                if langs else "")
             + f"{r.get('chunks')} | {r.get('stop_reason')} |")
-    if any(_borrowed(r) for r in kept.values()):
+    controls = {r.get("kld_mean_adj_control") for r in kept.values() if _borrowed(r)}
+    if controls:
         lines.append("")
-        lines.append("* mean of all chunks estimated from the chunks evaluated, with the candidate evaluated "
-                     "deepest as a control variate (regression estimator); its SE is that estimator's")
+        if controls == {"twoway"}:
+            lines.append("* mean of all chunks estimated from the chunks evaluated plus every chunk's difficulty "
+                         "as the other candidates measured it (two-way fit, log KLD = candidate + chunk); "
+                         "its SE is that estimator's")
+        else:
+            lines.append("* mean of all chunks estimated from the chunks evaluated, with another candidate (or the "
+                         "two-way fit of chunk difficulty) as a control; its SE is that estimator's")
     return "\n".join(lines)
 
 
