@@ -4,7 +4,10 @@ Per chunk of scored tokens, both sides turn the baseline and the candidate rows 
 divergences and the chunk's statistics:
 
 - ours: ``Float16Encoding.compare`` (float16 baseline payload + candidate float32 logits -> KLD,
-  top-1 agreement, Δp, both NLLs; row blocks, 1 and 2 threads) then ``summarize``;
+  top-1 agreement, Δp, both NLLs; row blocks, 1 and 2 threads) then ``summarize``, with the kernel
+  the project uses by default (the compiled one, ``ggufopt_ray/engine/kld_native.py``, unless
+  ``GGUFOPT_KLD_KERNEL`` says otherwise or no C compiler is found) and, alongside, with the numpy
+  kernel (``GGUFOPT_KLD_KERNEL=numpy``);
 - original style (src/compare_logits.py of the original toolkit, with --precision 32): float32
   softmax of both full-vocabulary chunks, probabilities clipped to [1e-10, 1], KL = sum p (log p -
   log q), then mean, std, min, max and percentiles of the chunk.
@@ -22,9 +25,11 @@ thread. The machine is shared: ratios are the figures to trust, not absolute rat
 
     python bench/kld_throughput.py [--quick] [--json PATH] [--vocab 32000 128256]
 
-JSON keys (top level: the largest vocabulary): speedup_vs_original_style, roofline_fraction,
-tokens_per_s_1thread, tokens_per_s_2threads, speedup_2threads; ``per_vocab``: those plus the
-compact encode figures and accuracy, per vocabulary size.
+JSON keys (top level: the largest vocabulary): kernel (the default path's: native or numpy),
+speedup_vs_original_style, roofline_fraction, tokens_per_s_1thread, tokens_per_s_2threads,
+speedup_2threads, and the numpy kernel's numpy_kernel_tokens_per_s_1thread / _2threads,
+numpy_kernel_speedup_vs_original_style, numpy_kernel_roofline_fraction, speedup_vs_numpy_kernel;
+``per_vocab``: those plus the compact encode figures and accuracy, per vocabulary size.
 """
 
 from __future__ import annotations
@@ -69,9 +74,31 @@ def original_style(base_logits: np.ndarray, cand_logits: np.ndarray) -> dict:
     return {"kl": kl, "stats": stats}
 
 
-def ours(enc, payload, cand_logits: np.ndarray, ref: np.ndarray, threads: int = 1):
-    m = enc.compare(payload, cand_logits, ref, threads=threads)
+def ours(enc, payload, cand_logits: np.ndarray, ref: np.ndarray, threads: int = 1, kernel: str | None = None):
+    """``kernel``: None for the default path, "numpy" for the numpy kernel (through the environment
+    variable that selects it, as a user would)."""
+    if kernel is None:
+        m = enc.compare(payload, cand_logits, ref, threads=threads)
+    else:
+        old = os.environ.get(KERNEL_ENV)
+        os.environ[KERNEL_ENV] = kernel
+        try:
+            m = enc.compare(payload, cand_logits, ref, threads=threads)
+        finally:
+            if old is None:
+                del os.environ[KERNEL_ENV]
+            else:
+                os.environ[KERNEL_ENV] = old
     return m, summarize(m)
+
+
+KERNEL_ENV = "GGUFOPT_KLD_KERNEL"
+
+
+def default_kernel_name() -> str:
+    from ggufopt_ray.metrics.kld import row_kernel
+
+    return "numpy" if row_kernel() is None else "native"
 
 
 def broad_logits(rng, n, v):
@@ -128,17 +155,19 @@ def measure_vocab(v: int, n_chunks: int, n_tok: int, rounds: int, big, big_dst, 
     lb = log_softmax64(cand_logits[0].astype(np.float64), axis=1)
     exact16 = (np.exp(la) * (la - lb)).sum(axis=1) + payloads[0]["xent_correction"]
     err_ours = float(np.max(np.abs(ours(enc, payloads[0], cand_logits[0], refs[0])[0].kld / exact16 - 1)))
+    err_numpy = float(np.max(np.abs(ours(enc, payloads[0], cand_logits[0], refs[0], kernel="numpy")[0].kld
+                                    / exact16 - 1)))
     la = log_softmax64(base_logits[0].astype(np.float64), axis=1)
     exact = (np.exp(la) * (la - lb)).sum(axis=1)
     err_orig = float(np.max(np.abs(original_style(base_logits[0], cand_logits[0])["kl"] / exact - 1)))
     del la, lb
 
-    t1, t2, t_orig, bw = [], [], [], []
+    t1, t2, t1n, t2n, t_orig, bw = [], [], [], [], [], []
     for _ in range(rounds):
-        for times, threads in ((t1, 1), (t2, 2)):
+        for times, threads, kernel in ((t1, 1, None), (t2, 2, None), (t1n, 1, "numpy"), (t2n, 2, "numpy")):
             t0 = time.perf_counter()
             for p, c, r in zip(payloads, cand_logits, refs):
-                ours(enc, p, c, r, threads)
+                ours(enc, p, c, r, threads, kernel)
             times.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         for b, c in zip(base_logits, cand_logits):
@@ -161,6 +190,8 @@ def measure_vocab(v: int, n_chunks: int, n_tok: int, rounds: int, big, big_dst, 
 
     tps1 = n_tokens / float(np.median(t1))
     tps2 = n_tokens / float(np.median(t2))
+    tps1n = n_tokens / float(np.median(t1n))
+    tps2n = n_tokens / float(np.median(t2n))
     tps_orig = n_tokens / float(np.median(t_orig))
     bandwidth = float(np.median(bw))
     bytes_per_token = 6 * v  # float16 base row + float32 candidate row
@@ -168,14 +199,19 @@ def measure_vocab(v: int, n_chunks: int, n_tok: int, rounds: int, big, big_dst, 
     enc_tps = lp.shape[0] / float(np.median(te))
     enc_old = lp.shape[0] / float(np.median(te_old)) if te_old else None
     return {
-        "n_vocab": v, "tokens_per_chunk": n_tok, "chunks": n_chunks, "rounds": rounds,
+        "n_vocab": v, "tokens_per_chunk": n_tok, "chunks": n_chunks, "rounds": rounds, "kernel": default_kernel_name(),
         "tokens_per_s": tps1, "tokens_per_s_1thread": tps1, "tokens_per_s_2threads": tps2,
         "speedup_2threads": tps2 / tps1,
         "original_style_tokens_per_s": tps_orig, "speedup_vs_original_style": tps1 / tps_orig,
         "speedup_vs_original_style_2threads": tps2 / tps_orig,
         "roofline_fraction": tps1 / roofline_tps, "roofline_tokens_per_s": roofline_tps,
         "copy_bandwidth_bytes_per_s": bandwidth, "bytes_read_per_token": bytes_per_token,
-        "max_rel_error_vs_float64": err_ours, "original_style_max_rel_error_vs_float64": err_orig,
+        "numpy_kernel_tokens_per_s_1thread": tps1n, "numpy_kernel_tokens_per_s_2threads": tps2n,
+        "numpy_kernel_speedup_2threads": tps2n / tps1n,
+        "numpy_kernel_speedup_vs_original_style": tps1n / tps_orig,
+        "numpy_kernel_roofline_fraction": tps1n / roofline_tps, "speedup_vs_numpy_kernel": tps1 / tps1n,
+        "max_rel_error_vs_float64": err_ours, "numpy_kernel_max_rel_error_vs_float64": err_numpy,
+        "original_style_max_rel_error_vs_float64": err_orig,
         "compact_encode_tokens_per_s": enc_tps, "previous_compact_encode_tokens_per_s": enc_old,
         "compact_encode_speedup": (enc_tps / enc_old) if enc_old else None,
     }
@@ -200,19 +236,27 @@ def main(argv=None) -> dict:
     del big, big_dst
 
     print(f"KLD statistics against a float16 baseline (Float16Encoding.compare + summarize), BLAS 1 thread, "
-          f"median of {rounds} alternating rounds; roofline = copy bandwidth / (6 V bytes per token)")
-    print(f"{'n_vocab':>8s} {'tok/s 1t':>9s} {'tok/s 2t':>9s} {'2t speedup':>10s} {'orig tok/s':>10s} "
+          f"median of {rounds} alternating rounds; roofline = copy bandwidth / (6 V bytes per token); "
+          f"kernel: {per_vocab[-1]['kernel']} (numpy kernel alongside)")
+    print(f"{'n_vocab':>8s} {'kernel':>7s} {'tok/s 1t':>9s} {'tok/s 2t':>9s} {'2t speedup':>10s} {'orig tok/s':>10s} "
           f"{'vs orig':>8s} {'roofline':>9s} {'max rel err':>11s} {'compact enc':>11s} {'vs before':>9s}")
     for r in per_vocab:
         sp = r["compact_encode_speedup"]
-        print(f"{r['n_vocab']:8d} {r['tokens_per_s_1thread']:9.0f} {r['tokens_per_s_2threads']:9.0f} "
+        print(f"{r['n_vocab']:8d} {r['kernel']:>7s} {r['tokens_per_s_1thread']:9.0f} {r['tokens_per_s_2threads']:9.0f} "
               f"{r['speedup_2threads']:10.2f} {r['original_style_tokens_per_s']:10.0f} "
               f"{r['speedup_vs_original_style']:8.2f} {r['roofline_fraction']:9.3f} "
               f"{r['max_rel_error_vs_float64']:11.1e} {r['compact_encode_tokens_per_s']:11.0f} "
               f"{(f'{sp:.2f}' if sp else 'n/a'):>9s}")
+        print(f"{'':8s} {'numpy':>7s} {r['numpy_kernel_tokens_per_s_1thread']:9.0f} "
+              f"{r['numpy_kernel_tokens_per_s_2threads']:9.0f} {r['numpy_kernel_speedup_2threads']:10.2f} {'':10s} "
+              f"{r['numpy_kernel_speedup_vs_original_style']:8.2f} {r['numpy_kernel_roofline_fraction']:9.3f} "
+              f"{r['numpy_kernel_max_rel_error_vs_float64']:11.1e}")
     head = per_vocab[-1]  # the largest vocabulary's figures at the top level
-    result = {**{k: head[k] for k in ("speedup_vs_original_style", "roofline_fraction", "tokens_per_s_1thread",
-                                      "tokens_per_s_2threads", "speedup_2threads", "n_vocab")},
+    result = {**{k: head[k] for k in ("kernel", "speedup_vs_original_style", "roofline_fraction",
+                                      "tokens_per_s_1thread", "tokens_per_s_2threads", "speedup_2threads",
+                                      "numpy_kernel_tokens_per_s_1thread", "numpy_kernel_tokens_per_s_2threads",
+                                      "numpy_kernel_speedup_vs_original_style", "numpy_kernel_roofline_fraction",
+                                      "speedup_vs_numpy_kernel", "n_vocab")},
               "threads": [1, 2], "per_vocab": per_vocab}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -32,6 +32,10 @@ plain float64.
 
 Rows are processed in blocks of about 512 KiB so the temporaries stay in the CPU's cache and
 memory stays bounded whatever the chunk size.
+
+This is the numpy kernel. ``compare_rows`` (and so every caller) uses the compiled one of
+``ggufopt_ray.engine.kld_native`` instead when it can be built (same outputs, same float64
+fallback, one pass per row; ``GGUFOPT_KLD_KERNEL=auto|native|numpy`` selects, see ``row_kernel``).
 """
 
 from __future__ import annotations
@@ -200,16 +204,22 @@ BaseLoader = Callable[[int, int, np.ndarray], np.ndarray]
 
 
 def array_loader(x) -> BaseLoader:
-    """Loader for an ``[n, V]`` array-like of any float dtype (ndarray, memmap, HDF5 dataset)."""
+    """Loader for an ``[n, V]`` array-like of any float dtype (ndarray, memmap, HDF5 dataset).
+
+    Its ``rows`` attribute is ``x`` itself, so that a compiled kernel can read float16 or float32
+    rows in place instead of through the loader."""
     if isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.c_contiguous:
-        return lambda r0, r1, out: x[r0:r1]
-    if isinstance(x, np.ndarray) and x.dtype == np.float16:
-        return lambda r0, r1, out: float16_to_float32(x[r0:r1], out)
+        def load(r0, r1, out):
+            return x[r0:r1]
+    elif isinstance(x, np.ndarray) and x.dtype == np.float16:
+        def load(r0, r1, out):
+            return float16_to_float32(x[r0:r1], out)
+    else:
+        def load(r0, r1, out):
+            np.copyto(out, np.asarray(x[r0:r1]), casting="unsafe")
+            return out
 
-    def load(r0, r1, out):
-        np.copyto(out, np.asarray(x[r0:r1]), casting="unsafe")
-        return out
-
+    load.rows = x
     return load
 
 
@@ -240,7 +250,7 @@ def float16_to_float32(h: np.ndarray, out: np.ndarray) -> np.ndarray:
 
 def kld_per_token(base_logprobs: np.ndarray, candidate_logits: np.ndarray,
                   ref_tokens: np.ndarray | None = None, *,
-                  block_elements: int = BLOCK_ELEMENTS, threads: int = 1) -> TokenMetrics:
+                  block_elements: int = BLOCK_ELEMENTS, threads: int = 1, kernel=None) -> TokenMetrics:
     """Per-token KL(base || candidate) and companions, over the full vocabulary.
 
     base_logprobs: ``[n, V]`` baseline log-probabilities (any float dtype; renormalized in
@@ -255,18 +265,19 @@ def kld_per_token(base_logprobs: np.ndarray, candidate_logits: np.ndarray,
         raise ValueError(f"base log-probs {getattr(a_all, 'shape', None)} and candidate logits "
                          f"{getattr(b_all, 'shape', None)} must both be [n_tokens, n_vocab]")
     return compare_rows(array_loader(a_all), b_all, ref_tokens, block_elements=block_elements,
-                        threads=threads)
+                        threads=threads, kernel=kernel)
 
 
 def compare_rows(load_base: BaseLoader, candidate_logits, ref_tokens=None, *,
                  base_top: np.ndarray | None = None, threads: int = 1,
-                 block_elements: int = BLOCK_ELEMENTS) -> TokenMetrics:
+                 block_elements: int = BLOCK_ELEMENTS, kernel=None) -> TokenMetrics:
     """kld_per_token with the base rows given by a loader (see ``array_loader``).
 
     ``base_top``: the base's top token per row when the caller knows it (saves a pass; also
     decides ``same_top``). Row blocks go to ``threads`` workers, each with its own scratch
     buffers (a few float32 blocks of ``block_elements``), so memory stays bounded by the block
-    size and the thread count, never by the chunk.
+    size and the thread count, never by the chunk. ``kernel``: None for ``row_kernel()`` (the
+    compiled kernel when available), ``"numpy"`` for this module's, or a callable like it.
     """
     b_all = candidate_logits
     if b_all.ndim != 2:
@@ -287,19 +298,36 @@ def compare_rows(load_base: BaseLoader, candidate_logits, ref_tokens=None, *,
     if n == 0:
         return TokenMetrics(**out)
 
-    need_cand = not _is_f32_rows(b_all)
+    kernel = row_kernel() if kernel is None else (None if kernel == "numpy" else kernel)
+    if kernel is not None:
+        kernel(load_base, b_all, ref, base_top, out, threads=threads, block_elements=block_elements)
+    else:
+        need_cand = not _is_f32_rows(b_all)
 
-    def work(blocks) -> None:
-        scratch = _Scratch(min(rows_per_block(v, block_elements), n), v, need_cand)
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # such rows are redone in float64
-            for r0, r1 in blocks:
-                _block(load_base, b_all, ref, base_top, out, r0, r1, scratch)
+        def work(blocks) -> None:
+            scratch = _Scratch(min(rows_per_block(v, block_elements), n), v, need_cand)
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # such rows are redone in float64
+                for r0, r1 in blocks:
+                    _block(load_base, b_all, ref, base_top, out, r0, r1, scratch)
 
-    run_row_blocks(n, rows_per_block(v, block_elements), threads, work)
+        run_row_blocks(n, rows_per_block(v, block_elements), threads, work)
     if ref is None:
         for k in ("delta_p", "nll_base", "nll_cand"):
             out[k][:] = np.nan
     return TokenMetrics(**out)
+
+
+def row_kernel():
+    """The compiled kernel that ``compare_rows`` uses by default, or None for the numpy one.
+
+    It lives in ``ggufopt_ray.engine.kld_native`` (built with the system C compiler on first use;
+    ``GGUFOPT_KLD_KERNEL=auto|native|numpy`` selects), called as
+    ``kernel(load_base, candidate_logits, ref, base_top, out, threads=, block_elements=)`` to fill
+    ``out`` as this module's ``_block`` does. This module stays numpy-only: the import is lazy.
+    """
+    from ggufopt_ray.engine import kld_native
+
+    return kld_native.default_kernel()
 
 
 def _is_f32_rows(x) -> bool:

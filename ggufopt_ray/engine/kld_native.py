@@ -1,0 +1,311 @@
+"""The compiled per-token KLD kernel (``kld_kernel.c``): built on first use, loaded with ctypes.
+
+``metrics.kld.compare_rows`` asks ``default_kernel()`` for it (through ``kld.row_kernel``), so
+every caller — trials, ``ggufopt bench``, the benches — gets it without wiring of its own. It
+computes, per row, what the numpy kernel does (same formulation, same float64 fallback for
+non-finite rows) in three passes over the row instead of about ten, reading float16 baseline rows
+directly (no decode into float32).
+
+Selection: ``GGUFOPT_KLD_KERNEL`` = ``auto`` (default: native when it builds, else numpy with one
+warning), ``native`` (a one-line UserError when it cannot be built) or ``numpy``.
+
+Build: the system C compiler (``$CC``, else ``cc``/``gcc``) with ``-O3 -march=native``, into
+``$GGUFOPT_KERNEL_CACHE`` or ``$XDG_CACHE_HOME/ggufopt_ray/kernels`` (default
+``~/.cache/ggufopt_ray/kernels``), under a name keyed by a hash of the source, the flags, the
+compiler's version and what ``-march=native`` means on this CPU. The library is compiled to a
+temporary name and renamed into place under a file lock, so concurrent processes neither clash
+nor load a half-written file. A freshly loaded library is checked on a few rows against a float64
+computation before use.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from ggufopt_ray.errors import UserError
+
+ENV_KERNEL = "GGUFOPT_KLD_KERNEL"
+ENV_CACHE = "GGUFOPT_KERNEL_CACHE"
+SOURCE = Path(__file__).with_name("kld_kernel.c")
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=gnu11", "-fPIC", "-shared"]
+ABI = 2
+# Rows per foreign call when the kernel reads the arrays directly (~2 MiB of float32 per call):
+# enough to make the call overhead negligible, few enough to share rows evenly among threads.
+DIRECT_BLOCK_ELEMENTS = 1 << 19
+
+log = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_loaded: dict[tuple, tuple[object, str | None]] = {}  # (compiler, cache dir) -> (lib or None, why not)
+_warned: set[tuple] = set()
+
+
+# ----------------------------------------------------------------------------- build and load
+
+def _compiler() -> list[str] | None:
+    cc = os.environ.get("CC", "").strip()
+    if cc:
+        return shlex.split(cc)
+    for name in ("cc", "gcc", "clang"):
+        path = shutil.which(name)
+        if path:
+            return [path]
+    return None
+
+
+def cache_dir() -> Path:
+    if os.environ.get(ENV_CACHE):
+        return Path(os.environ[ENV_CACHE]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ggufopt_ray" / "kernels"
+
+
+def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, **kw)
+
+
+def _build_key(cc: list[str], source: bytes) -> str:
+    """Hash of everything the library depends on: source, flags, compiler version, the CPU's
+    ``-march=native`` expansion (raises OSError or CalledProcessError without a working compiler)."""
+    version = _run(cc + ["--version"])
+    version.check_returncode()
+    native = _run(cc + ["-march=native", "-E", "-v", "-x", "c", os.devnull, "-o", os.devnull])
+    native.check_returncode()
+    h = hashlib.sha256()
+    for part in (source, " ".join(FLAGS).encode(), version.stdout.encode(), native.stderr.encode(),
+                 platform.machine().encode(), str(ctypes.sizeof(ctypes.c_void_p)).encode()):
+        h.update(part)
+        h.update(b"\0")
+    return h.hexdigest()[:20]
+
+
+def _build(cc: list[str], directory: Path) -> Path:
+    source = SOURCE.read_bytes()
+    key = _build_key(cc, source)
+    directory.mkdir(parents=True, exist_ok=True)
+    lib = directory / f"kld_kernel-{key}.so"
+    if lib.exists():
+        return lib
+    with open(directory / f"kld_kernel-{key}.lock", "w") as lock_file:
+        try:
+            import fcntl
+
+            fcntl.flock(lock_file, fcntl.LOCK_EX)  # another process may be building the same library
+        except ImportError:  # no fcntl (not POSIX): the temporary name and rename still keep it safe
+            pass
+        if lib.exists():
+            return lib
+        fd, tmp = tempfile.mkstemp(prefix=f".kld_kernel-{key}-", suffix=".so", dir=directory)
+        os.close(fd)
+        try:
+            res = _run(cc + FLAGS + ["-o", tmp, str(SOURCE), "-lm"])
+            if res.returncode != 0:
+                raise RuntimeError(f"{' '.join(cc)} failed: {(res.stderr or res.stdout).strip()[-500:]}")
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, lib)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return lib
+
+
+def _load(path: Path):
+    lib = ctypes.CDLL(str(path))
+    lib.ggk_abi.restype = ctypes.c_int
+    if lib.ggk_abi() != ABI:
+        raise RuntimeError(f"{path} has ABI {lib.ggk_abi()}, expected {ABI}")
+    lib.ggk_simd.restype = ctypes.c_int
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.ggk_kld_rows.restype = i64
+    lib.ggk_kld_rows.argtypes = [i64, i64, p, i64, ctypes.c_int, p, i64, p, p, p, p, p, p, p, p, p]
+    _self_test(lib)
+    return lib
+
+
+def _self_test(lib) -> None:
+    """A few rows against a float64 computation: a miscompiled or mis-targeted library is refused."""
+    from ggufopt_ray.metrics.kld import _rows_float64
+
+    rng = np.random.default_rng(0)
+    for v in (1, 13, 1000):
+        a = (3 * rng.standard_normal((3, v))).astype(np.float32)
+        b = (a + 0.3 * rng.standard_normal((3, v)).astype(np.float32) + 2).astype(np.float32)
+        out = {k: np.empty(3, np.float32) for k in ("kld", "same_top", "delta_p", "nll_base", "nll_cand")}
+        bad = _call(lib, a, b, None, None, out, 0, 3, _scratch(v), np.zeros(3, np.uint8))
+        want = _rows_float64(a, b)[0]
+        if bad.any() or not np.allclose(out["kld"], want, rtol=1e-5, atol=1e-7):
+            raise RuntimeError(f"self-test failed at V={v}: {out['kld']} vs {want}")
+
+
+def _settings_key() -> tuple:
+    """What decides which library the current process settings select (cheap: no file system)."""
+    return tuple(os.environ.get(k) for k in ("CC", "PATH", ENV_CACHE, "XDG_CACHE_HOME", "HOME"))
+
+
+_by_settings: dict[tuple, tuple] = {}  # _settings_key() -> (compiler, cache dir) key of _loaded
+
+
+def _entry() -> tuple:
+    """(library or None, why not) for the current settings, building and loading it on first use."""
+    skey = _settings_key()
+    key = _by_settings.get(skey)
+    if key is None:
+        key = _by_settings[skey] = (tuple(_compiler() or ()), str(cache_dir()))
+    entry = _loaded.get(key)
+    if entry is None:
+        with _lock:
+            entry = _loaded.get(key)
+            if entry is None:
+                try:
+                    if not key[0]:
+                        raise RuntimeError("no C compiler found (set CC)")
+                    entry = (_load(_build(list(key[0]), Path(key[1]))), None)
+                except Exception as e:  # noqa: BLE001 - any failure means: use the numpy kernel
+                    entry = (None, f"{type(e).__name__}: {' '.join(str(e).split())}"[:400])
+                _loaded[key] = entry
+    return entry
+
+
+def library():
+    """The loaded kernel library for the current settings ($CC, the cache directory), or None when
+    it cannot be built (the reason: ``why_not()``)."""
+    return _entry()[0]
+
+
+def why_not() -> str | None:
+    """Why the library for the current settings is unavailable (None when it is available)."""
+    return _entry()[1]
+
+
+def default_kernel():
+    """``compare`` when the compiled kernel is selected and available, else None (numpy kernel)."""
+    mode = (os.environ.get(ENV_KERNEL) or "auto").strip().lower()
+    if mode == "numpy":
+        return None
+    if mode not in ("auto", "native"):
+        raise UserError(f"{ENV_KERNEL} must be auto, native or numpy, got {os.environ.get(ENV_KERNEL)!r}")
+    lib, reason = _entry()
+    if lib is not None:
+        return compare
+    if mode == "native":
+        raise UserError(f"{ENV_KERNEL}=native but the compiled KLD kernel is unavailable ({reason}); "
+                        f"install a C compiler or set {ENV_KERNEL}=numpy")
+    key = _by_settings[_settings_key()]
+    if key not in _warned:
+        _warned.add(key)
+        log.warning("compiled KLD kernel unavailable, using the numpy kernel: %s", reason)
+    return None
+
+
+# ----------------------------------------------------------------------------- the kernel
+
+def _scratch(v: int) -> np.ndarray:
+    """One worker's scratch for the kernel: room for every vector of a row set aside (s and ea)."""
+    return np.empty(2 * ((v + 7) // 8 * 8), np.float32)
+
+
+def _ptr(x: np.ndarray, row: int = 0) -> int:
+    return x.ctypes.data + row * x.strides[0]
+
+
+def _call(lib, a, b, ref, base_top, out, r0, r1, scratch, bad) -> np.ndarray:
+    """Rows r0:r1 of ``out`` from rows 0:r1-r0 of ``a`` (float16/float32) and ``b`` (float32), whose
+    rows must be contiguous; ``ref``/``base_top`` are indexed from r0. Returns the bad-row flags."""
+    n = r1 - r0
+    v = b.shape[1]
+    lib.ggk_kld_rows(n, v, a.ctypes.data, a.strides[0] // a.itemsize, int(a.dtype == np.float16),
+                     b.ctypes.data, b.strides[0] // 4,
+                     None if base_top is None else _ptr(base_top, r0), None if ref is None else _ptr(ref, r0),
+                     _ptr(out["kld"], r0), _ptr(out["same_top"], r0), _ptr(out["delta_p"], r0),
+                     _ptr(out["nll_base"], r0), _ptr(out["nll_cand"], r0), _ptr(bad, r0), scratch.ctypes.data)
+    return bad[r0:r1]
+
+
+def _rows_ok(x, dtypes) -> bool:
+    """An ndarray whose rows the kernel can read in place."""
+    return (isinstance(x, np.ndarray) and x.ndim == 2 and x.dtype in dtypes and x.strides[1] == x.itemsize
+            and x.strides[0] % x.itemsize == 0 and x.strides[0] >= 0 and x.flags.aligned)
+
+
+def compare(load_base, b_all, ref, base_top, out, *, threads: int, block_elements: int) -> None:
+    """Fill ``out`` (kld, same_top, and with ``ref`` delta_p / nll_base / nll_cand) for all rows,
+    as ``metrics.kld.compare_rows``' numpy kernel does; arguments already checked by it."""
+    from ggufopt_ray.metrics.kld import rows_per_block, run_row_blocks
+
+    lib = library()
+    n, v = b_all.shape
+    if v < 1:
+        raise ValueError("rows of an empty vocabulary have no distribution to compare")
+    if base_top is not None:
+        base_top = np.ascontiguousarray(base_top, np.int64)
+        if base_top.shape[0] != n or (n and (base_top.min() < 0 or base_top.max() >= v)):
+            raise ValueError(f"base_top must hold {n} token ids in [0, {v})")
+    if ref is not None:
+        ref = np.ascontiguousarray(ref, np.int64)
+    direct_a = getattr(load_base, "rows", None)
+    if not _rows_ok(direct_a, (np.float16, np.float32)):
+        direct_a = None
+    direct_b = _rows_ok(b_all, (np.float32,))
+    if direct_a is not None and direct_b:
+        step = rows_per_block(v, max(block_elements, DIRECT_BLOCK_ELEMENTS))
+    else:
+        step = rows_per_block(v, block_elements)
+    bad = np.zeros(n, np.uint8)
+
+    def work(blocks) -> None:
+        rows = min(step, n)
+        scratch = _scratch(v)
+        abuf = np.empty((rows, v), np.float32) if direct_a is None else None
+        bbuf = None if direct_b else np.empty((rows, v), np.float32)
+        for r0, r1 in blocks:
+            if direct_a is not None:
+                a = direct_a[r0:r1]
+            else:
+                a = np.asarray(load_base(r0, r1, abuf[: r1 - r0]))
+                if not _rows_ok(a, (np.float16, np.float32)):
+                    a = np.ascontiguousarray(a, np.float32)
+            if direct_b:
+                b = b_all[r0:r1]
+            else:
+                b = bbuf[: r1 - r0]
+                np.copyto(b, np.asarray(b_all[r0:r1]), casting="unsafe")
+            _call(lib, a, b, ref, base_top, out, r0, r1, scratch, bad)
+
+    run_row_blocks(n, step, threads, work)
+    if bad.any():
+        _redo_float64(np.flatnonzero(bad), load_base, direct_a, b_all, ref, out)
+
+
+def _redo_float64(rows: np.ndarray, load_base, direct_a, b_all, ref, out) -> None:
+    """Rows the kernel flagged (a non-finite value, or an overflow): plain float64, as the numpy
+    kernel's fallback does (same_top is already set)."""
+    from ggufopt_ray.metrics.kld import _rows_float64
+
+    v = b_all.shape[1]
+    for r in rows:
+        r = int(r)
+        a = direct_a[r:r + 1] if direct_a is not None else np.asarray(load_base(r, r + 1, np.empty((1, v), np.float32)))
+        a = np.asarray(a, np.float32)
+        b = np.asarray(b_all[r:r + 1], np.float32)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            k64, la, lb = _rows_float64(a, b)
+            out["kld"][r] = k64[0]
+            if ref is not None:
+                tok = int(ref[r])
+                nll_b = la[0] - np.float64(a[0, tok])
+                nll_c = lb[0] - np.float64(b[0, tok])
+                out["nll_base"][r] = nll_b
+                out["nll_cand"][r] = nll_c
+                out["delta_p"][r] = np.exp(-nll_c) - np.exp(-nll_b)
