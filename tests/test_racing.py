@@ -277,7 +277,7 @@ def test_twoway_intervals_cover_at_nominal_rate():
     every candidate covers its mean over all 32 chunks at 95% within 2 points (so does the corpus
     mean with population=infinite); and it is narrower than the candidate's own chunks alone."""
     rng = np.random.default_rng(15)
-    runs = 1500
+    runs = 800
     for n in (4, 6, 10):
         hits = {"finite": 0, "infinite": 0}
         total = 0
