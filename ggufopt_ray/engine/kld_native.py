@@ -41,14 +41,20 @@ ENV_CACHE = "GGUFOPT_KERNEL_CACHE"
 SOURCE = Path(__file__).with_name("kld_kernel.c")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=gnu11", "-fPIC", "-shared"]
 ABI = 2
+# The compact encoder (compact_kernel.c): a library of its own, because its float64 code must
+# round as numpy's elementwise operations do (no fused multiply-add), which the KLD kernel's
+# flags do not ask for.
+COMPACT_SOURCE = Path(__file__).with_name("compact_kernel.c")
+COMPACT_FLAGS = FLAGS + ["-ffp-contract=off"]
+COMPACT_ABI = 1
 # Rows per foreign call when the kernel reads the arrays directly (~2 MiB of float32 per call):
 # enough to make the call overhead negligible, few enough to share rows evenly among threads.
 DIRECT_BLOCK_ELEMENTS = 1 << 19
 
 log = logging.getLogger(__name__)
 
-_lock = threading.Lock()
-_loaded: dict[tuple, tuple[object, str | None]] = {}  # (compiler, cache dir) -> (lib or None, why not)
+_lock = threading.RLock()  # re-entered: the compact self-test loads the KLD kernel
+_loaded: dict[tuple, tuple[object, str | None]] = {}  # (compiler, cache dir, kind) -> (lib or None, why not)
 _warned: set[tuple] = set()
 
 
@@ -76,7 +82,7 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, **kw)
 
 
-def _build_key(cc: list[str], source: bytes) -> str:
+def _build_key(cc: list[str], source: bytes, flags: list[str] = FLAGS) -> str:
     """Hash of everything the library depends on: source, flags, compiler version, the CPU's
     ``-march=native`` expansion (raises OSError or CalledProcessError without a working compiler)."""
     version = _run(cc + ["--version"])
@@ -84,21 +90,23 @@ def _build_key(cc: list[str], source: bytes) -> str:
     native = _run(cc + ["-march=native", "-E", "-v", "-x", "c", os.devnull, "-o", os.devnull])
     native.check_returncode()
     h = hashlib.sha256()
-    for part in (source, " ".join(FLAGS).encode(), version.stdout.encode(), native.stderr.encode(),
+    for part in (source, " ".join(flags).encode(), version.stdout.encode(), native.stderr.encode(),
                  platform.machine().encode(), str(ctypes.sizeof(ctypes.c_void_p)).encode()):
         h.update(part)
         h.update(b"\0")
     return h.hexdigest()[:20]
 
 
-def _build(cc: list[str], directory: Path) -> Path:
-    source = SOURCE.read_bytes()
-    key = _build_key(cc, source)
+def _build(cc: list[str], directory: Path, source_path: Path = SOURCE, flags: list[str] = FLAGS) -> Path:
+    """The library of ``source_path`` built with ``flags`` (named after the source's stem)."""
+    source = source_path.read_bytes()
+    key = _build_key(cc, source, flags)
+    stem = source_path.stem
     directory.mkdir(parents=True, exist_ok=True)
-    lib = directory / f"kld_kernel-{key}.so"
+    lib = directory / f"{stem}-{key}.so"
     if lib.exists():
         return lib
-    with open(directory / f"kld_kernel-{key}.lock", "w") as lock_file:
+    with open(directory / f"{stem}-{key}.lock", "w") as lock_file:
         try:
             import fcntl
 
@@ -107,10 +115,10 @@ def _build(cc: list[str], directory: Path) -> Path:
             pass
         if lib.exists():
             return lib
-        fd, tmp = tempfile.mkstemp(prefix=f".kld_kernel-{key}-", suffix=".so", dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=f".{stem}-{key}-", suffix=".so", dir=directory)
         os.close(fd)
         try:
-            res = _run(cc + FLAGS + ["-o", tmp, str(SOURCE), "-lm"])
+            res = _run(cc + flags + ["-o", tmp, str(source_path), "-lm"])
             if res.returncode != 0:
                 raise RuntimeError(f"{' '.join(cc)} failed: {(res.stderr or res.stdout).strip()[-500:]}")
             os.chmod(tmp, 0o755)
@@ -157,12 +165,14 @@ def _settings_key() -> tuple:
 _by_settings: dict[tuple, tuple] = {}  # _settings_key() -> (compiler, cache dir) key of _loaded
 
 
-def _entry() -> tuple:
-    """(library or None, why not) for the current settings, building and loading it on first use."""
+def _entry(kind: str = "kld") -> tuple:
+    """(library or None, why not) for the current settings, building and loading it on first use.
+    ``kind``: "kld" (kld_kernel.c) or "compact" (compact_kernel.c)."""
     skey = _settings_key()
-    key = _by_settings.get(skey)
-    if key is None:
-        key = _by_settings[skey] = (tuple(_compiler() or ()), str(cache_dir()))
+    base = _by_settings.get(skey)
+    if base is None:
+        base = _by_settings[skey] = (tuple(_compiler() or ()), str(cache_dir()))
+    key = base + (kind,)
     entry = _loaded.get(key)
     if entry is None:
         with _lock:
@@ -171,7 +181,11 @@ def _entry() -> tuple:
                 try:
                     if not key[0]:
                         raise RuntimeError("no C compiler found (set CC)")
-                    entry = (_load(_build(list(key[0]), Path(key[1]))), None)
+                    if kind == "compact":
+                        lib = _load_compact(_build(list(key[0]), Path(key[1]), COMPACT_SOURCE, COMPACT_FLAGS))
+                    else:
+                        lib = _load(_build(list(key[0]), Path(key[1])))
+                    entry = (lib, None)
                 except Exception as e:  # noqa: BLE001 - any failure means: use the numpy kernel
                     entry = (None, f"{type(e).__name__}: {' '.join(str(e).split())}"[:400])
                 _loaded[key] = entry
@@ -202,7 +216,7 @@ def default_kernel():
     if mode == "native":
         raise UserError(f"{ENV_KERNEL}=native but the compiled KLD kernel is unavailable ({reason}); "
                         f"install a C compiler or set {ENV_KERNEL}=numpy")
-    key = _by_settings[_settings_key()]
+    key = _by_settings[_settings_key()] + ("kld",)
     if key not in _warned:
         _warned.add(key)
         log.warning("compiled KLD kernel unavailable, using the numpy kernel: %s", reason)
@@ -309,3 +323,121 @@ def _redo_float64(rows: np.ndarray, load_base, direct_a, b_all, ref, out) -> Non
                 out["nll_base"][r] = nll_b
                 out["nll_cand"][r] = nll_c
                 out["delta_p"][r] = np.exp(-nll_c) - np.exp(-nll_b)
+
+
+# ----------------------------------------------------------------------------- the compact encoder
+
+def _load_compact(path: Path):
+    lib = ctypes.CDLL(str(path))
+    lib.ggc_abi.restype = ctypes.c_int
+    if lib.ggc_abi() != COMPACT_ABI:
+        raise RuntimeError(f"{path} has ABI {lib.ggc_abi()}, expected {COMPACT_ABI}")
+    lib.ggc_n_consts.restype = ctypes.c_int
+    if lib.ggc_n_consts() != len(_compact_consts()):
+        raise RuntimeError(f"{path} expects {lib.ggc_n_consts()} constants, not {len(_compact_consts())}")
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.ggc_scratch_bytes.restype = i64
+    lib.ggc_scratch_bytes.argtypes = [i64, i64]
+    lib.ggc_compact_rows.restype = i64
+    lib.ggc_compact_rows.argtypes = [i64, i64, p, i64, i64, i64, p, p, p, p, p, ctypes.c_int, p,
+                                     p, p, p, p, p, p, p, p]
+    _compact_self_test(lib)
+    return lib
+
+
+_consts: list = []
+
+
+def _compact_consts() -> np.ndarray:
+    """The encoder's constants, from encodings.py itself (the same doubles on both sides)."""
+    if not _consts:
+        from ggufopt_ray.metrics import encodings as enc
+
+        _consts.append(np.array((enc._LOG2E, enc._LN2_HI, enc._LN2_LO) + enc._EXP_COEFS + tuple(enc.COMPACT_LEVELS)
+                                + tuple(enc._LEVEL_MIDS), np.float64))
+    return _consts[0]
+
+
+def _compact_self_test(lib) -> None:
+    """A few rows against the numpy encoder, which the library must reproduce exactly."""
+    from ggufopt_ray.metrics.encodings import CompactEncoding
+    from ggufopt_ray.metrics.kld import log_softmax
+
+    rng = np.random.default_rng(0)
+    v = 1000
+    x = log_softmax((3 * rng.standard_normal((3, v))).astype(np.float32))
+    x[1, ::7] = x[1, 3]  # ties
+    ref = rng.integers(0, v, 3)
+    enc = CompactEncoding()
+    want = enc.encode(x, ref, threads=1, native=False)
+    got = enc.encode(x, ref, threads=1, native=_CompactEncoder(lib))
+    for name, arr in want.items():
+        if not np.array_equal(arr, got[name]):
+            raise RuntimeError(f"self-test failed: the compiled compact encoder's {name} differs from numpy's")
+
+
+class _CompactEncoder:
+    """``encode(xb, ref, out, r0, r1, t_top, k)``: fills rows r0:r1 of ``out`` (all but
+    xent_correction) from the float32 rows ``xb`` and returns their decoded rows (a per-thread
+    buffer, valid until the thread's next call)."""
+
+    def __init__(self, lib):
+        self.lib = lib
+        self._local = threading.local()
+
+    def _buffer(self, name: str, nbytes: int) -> np.ndarray:
+        buf = getattr(self._local, name, None)
+        if buf is None or buf.nbytes < nbytes:
+            buf = np.empty(max(nbytes, 64), np.uint8)
+            setattr(self._local, name, buf)
+        return buf
+
+    def __call__(self, xb, ref, out, r0, r1, t_top, k) -> np.ndarray:
+        xb = np.ascontiguousarray(xb, np.float32)
+        n, v = xb.shape
+        for name in ("codes", "mid", "top_ids", "top_codes"):
+            if not out[name].flags.c_contiguous:
+                raise ValueError(f"compact encoder output {name} must be C-contiguous")
+        scratch = self._buffer("scratch", int(self.lib.ggc_scratch_bytes(v, k)))
+        dec = self._buffer("dec", n * v * 4)[: n * v * 4].view(np.float32).reshape(n, v)
+        if ref is not None:
+            ref = np.ascontiguousarray(ref[r0:r1], np.int64)
+        ids = out["top_ids"]
+        rc = self.lib.ggc_compact_rows(
+            n, v, xb.ctypes.data, v, k, t_top, _compact_consts().ctypes.data,
+            None if ref is None else ref.ctypes.data,
+            _ptr(out["codes"], r0), _ptr(out["mid"], r0), _ptr(ids, r0), ids.itemsize, _ptr(out["top_codes"], r0),
+            _ptr(out["row_max"], r0), _ptr(out["mid_floor"], r0), _ptr(out["anchor"], r0),
+            _ptr(out["tilt_a"], r0), _ptr(out["tilt_b"], r0),
+            None if ref is None else _ptr(out["ref_logprob"], r0), dec.ctypes.data, scratch.ctypes.data)
+        if rc != 0:
+            raise RuntimeError(f"compiled compact encoder failed on rows {r0}:{r1} (V={v}, K={k}, T={t_top})")
+        return dec
+
+
+_encoders: dict = {}
+
+
+def compact_encoder():
+    """The compiled compact encoder (see ``_CompactEncoder``) when selected and available, else None
+    (``CompactEncoding`` then encodes with numpy). ``GGUFOPT_KLD_KERNEL`` selects, as for the KLD
+    kernel: numpy forces numpy, native fails without it, auto falls back with one warning."""
+    mode = (os.environ.get(ENV_KERNEL) or "auto").strip().lower()
+    if mode == "numpy":
+        return None
+    if mode not in ("auto", "native"):
+        raise UserError(f"{ENV_KERNEL} must be auto, native or numpy, got {os.environ.get(ENV_KERNEL)!r}")
+    lib, reason = _entry("compact")
+    if lib is not None:
+        enc = _encoders.get(id(lib))
+        if enc is None:
+            enc = _encoders[id(lib)] = _CompactEncoder(lib)
+        return enc
+    if mode == "native":
+        raise UserError(f"{ENV_KERNEL}=native but the compiled compact encoder is unavailable ({reason}); "
+                        f"install a C compiler or set {ENV_KERNEL}=numpy")
+    key = _by_settings[_settings_key()] + ("compact",)
+    if key not in _warned:
+        _warned.add(key)
+        log.warning("compiled compact encoder unavailable, encoding with numpy: %s", reason)
+    return None

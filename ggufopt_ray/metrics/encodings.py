@@ -607,6 +607,52 @@ def _unpack3(packed: np.ndarray, v: int) -> np.ndarray:
     return out.reshape(r, 8 * g)[:, :v]
 
 
+# The encoder's row sums and exponentials have one fixed definition, so that the native encoder
+# (engine/compact_kernel.c) reproduces the numpy one bit for bit on any machine: elementwise IEEE
+# float64 arithmetic (+ - * /, rint, ldexp), sums in a stated order, and libm's log (math.log;
+# numpy's own exp/log are SIMD code that differs between CPUs, BLAS sums differ between builds).
+_F32_ZERO = np.float32(0.0)
+_LOG2E = 1.4426950408889634
+_LN2_HI = 6.93147180369123816490e-01  # ln 2 split so that n * _LN2_HI is exact for |n| < 2^20
+_LN2_LO = 1.90821492927058770002e-10
+# Taylor coefficients 1/13!, ..., 1/2!, 1, 1: on |r| <= ln2/2 the truncation is ~4e-18 relative
+_EXP_COEFS = tuple(1.0 / math.factorial(j) for j in range(13, -1, -1))
+
+
+def _exp64(x: np.ndarray) -> np.ndarray:
+    """e^x for float64 x <= 709, within ~2 ulp (x below -708 counts as -708, ~3e-308):
+    x = n ln2 + r, |r| <= ln2/2, e^x = 2^n P(r), P Horner's form of the degree-13 Taylor series."""
+    x = np.maximum(x, -708.0)
+    n = np.rint(x * _LOG2E)
+    r = (x - n * _LN2_HI) - n * _LN2_LO
+    p = np.full_like(r, _EXP_COEFS[0])
+    for c in _EXP_COEFS[1:]:
+        p *= r
+        p += c
+    return np.ldexp(p, n.astype(np.int32))
+
+
+def _lane_sums(keys: np.ndarray, x: np.ndarray, n_keys: int) -> np.ndarray:
+    """Per key 0..n_keys-1, the float64 sum of x over the entries with that key, in this fixed
+    order: 4 lanes (keys = key * 4 + position % 4), each summed in position order (np.bincount
+    is a plain loop), then (lane 0 + lane 1) + (lane 2 + lane 3)."""
+    s = np.bincount(keys, weights=x, minlength=4 * n_keys)[: 4 * n_keys].reshape(n_keys, 4)
+    return (s[:, 0] + s[:, 1]) + (s[:, 2] + s[:, 3])
+
+
+def _log64(x: np.ndarray) -> np.ndarray:
+    """libm's log of each entry (math.log; the native encoder calls the same function)."""
+    return np.array([math.log(float(v)) for v in np.ravel(x)], np.float64).reshape(np.shape(x))
+
+
+def _sum_levels(w: np.ndarray) -> np.ndarray:
+    """Row sums of a [n, levels] float64 array, left to right."""
+    acc = w[:, 0].copy()
+    for j in range(1, w.shape[1]):
+        acc += w[:, j]
+    return acc
+
+
 # Decoding looks up 4 codes (12 bits) at a time: row q of this table holds the level offsets of
 # the 4 codes packed in q (NaN for code 7, whose value comes from the 8-bit tier).
 _OFFSETS8 = np.array(COMPACT_LEVELS + (np.nan,), np.float64)
@@ -644,10 +690,13 @@ class CompactEncoding(BaselineEncoding):
         ids = np.dtype(_id_dtype(n_vocab)).itemsize
         return (3 * n_vocab + 7) // 8 + k + t * (ids + 2) + 4 * len(_HEADER) + (4 if with_ref else 0)
 
-    def encode(self, logprobs, ref_tokens=None, *, threads: int = 1):
+    def encode(self, logprobs, ref_tokens=None, *, threads: int = 1, native=None):
+        """``native``: None for ``compact_encoder()`` (the compiled encoder when available, which
+        gives the same arrays), False for numpy, or an encoder like kld_native's."""
         x = _check_logprobs(logprobs)
         n, v = x.shape
         t_top, k = self.layout(v)
+        native = compact_encoder() if native is None else (native or None)
         ref = _check_ref(ref_tokens, n, v)
         out = {"codes": np.empty((n, (3 * v + 7) // 8), np.uint8),
                "mid": np.empty((n, k), np.uint8),
@@ -660,29 +709,30 @@ class CompactEncoding(BaselineEncoding):
 
         def work(blocks):
             for r0, r1 in blocks:
-                self._encode_block(x, ref, out, r0, r1, t_top, k)
+                self._encode_block(x, ref, out, r0, r1, t_top, k, native)
 
         run_row_blocks(n, rows_per_block(v), threads, work)
         return out
 
-    def _encode_block(self, x, ref, out, r0, r1, t_top, k) -> None:
+    def _encode_block(self, x, ref, out, r0, r1, t_top, k, native=None) -> None:
         """Rows r0:r1 of encode: rank, tier, fit the tilt, then measure the decoded rows."""
         v = x.shape[1]
         xb = np.ascontiguousarray(x[r0:r1], dtype=np.float32)
         rr = r1 - r0
+        if native is not None:
+            self._store_xent(out, r0, r1, xb, native(xb, ref, out, r0, r1, t_top, k))
+            return
         codes = np.empty((rr, v), np.uint8)
         below = np.empty(v, bool)
+        lanes = np.arange(v, dtype=np.intp) & 3
         refined_all = []
         for i in range(rr):
             row = xb[i]
             rel = row - row.max()  # <= 0, exact near the top (float32 is plenty for 8-bit codes)
             # The two values around rank K: one partition (no full sort); positions v-k.. hold
-            # the k largest, position v-k-1 the rank K+1 value.
+            # the k largest, position v-k-1 the rank K+1 value (+ 0: a -0.0 is stored as 0.0).
             part = np.partition(rel, (v - k - 1, v - k))
-            anchor, floor = part[v - k - 1], part[v - k]
-            e = np.exp(part)  # the sums below do not depend on the order
-            lse = math.log(float(_rowsum(e[None, :])[0]))
-            mx = -lse  # the row's largest normalized log-prob
+            anchor, floor = part[v - k - 1] + _F32_ZERO, part[v - k] + _F32_ZERO
             # Tokens ranked <= K, in vocabulary order (ties at the anchor: the first ones).
             ridx = np.flatnonzero(rel > anchor)
             if ridx.size < k:
@@ -702,7 +752,7 @@ class CompactEncoding(BaselineEncoding):
             # Coarse levels: count how many level midpoints each token's distance exceeds.
             level = codes[i]
             level[:] = 0
-            thresholds = [np.float32(anchor - m) for m in _LEVEL_MIDS]
+            thresholds = [np.float32(float(anchor) - m) for m in _LEVEL_MIDS]
             counts = []
             for thr in thresholds:
                 np.less(rel, thr, out=below)
@@ -710,27 +760,27 @@ class CompactEncoding(BaselineEncoding):
                 counts.append(int(np.count_nonzero(below)))
             level[ridx] = _REFINED
             refined_all.append(ridx)
-            # Per-level count, sum of log p, and coarse mass and mean log p: partition the
-            # coarse values (positions 0..v-k-1 of ``part``) at the level boundaries.
-            coarse = part[: v - k]
-            bounds = sorted(set(c for c in counts if 0 < c < v - k))
-            if bounds:
-                coarse = np.partition(coarse, bounds)
+            # Row sums in float64, in the fixed order of _lane_sums (what the native encoder
+            # computes): the softmax normalizer, the coarse mass and sum p log p, and per level
+            # the count and sum of the log-probs.
+            rel64 = rel.astype(np.float64)
+            e = _exp64(rel64)
+            by_level = level.astype(np.intp) * 4 + lanes
+            by_tier = (level == _REFINED).astype(np.intp) * 4 + lanes
+            coarse_mass, refined_mass = _lane_sums(by_tier, e, 2)
+            coarse_plp = _lane_sums(by_tier, e * rel64, 2)[0]
+            sum_rel = _lane_sums(by_level, rel64, 8)[:_N_LEVELS]
+            lse = math.log(coarse_mass + refined_mass)
+            mx = -lse  # the row's largest normalized log-prob
             starts = np.array([0] + counts[::-1] + [v - k])  # level 6 first: the lowest values
             cnt = np.diff(starts).astype(np.float64)[::-1]
-            seg = np.clip(starts[:-1], 0, v - k - 1)
-            sum_rel = np.add.reduceat(coarse, seg, dtype=np.float64)
-            sum_rel = np.where(np.diff(starts) > 0, sum_rel, 0.0)[::-1]
-            ec = e[: v - k]  # exp of the coarse values, in the order of the first partition
-            coarse_mass = float(_rowsum(ec[None, :])[0])
-            coarse_plp = float(_rowsum((ec * part[: v - k])[None, :])[0])
             out["row_max"][r0 + i] = mx
             out["mid_floor"][r0 + i] = floor
             out["anchor"][r0 + i] = anchor
             # Mass the refined tokens will have once decoded; the coarse part gets the rest.
             dec_ref = (np.float64(np.float32(floor)) + mid_codes * (span / 255)) + np.float64(np.float32(mx))
             dec_ref[pos] = (np.float64(np.float32(floor)) + top_codes * (span / 65535)) + np.float64(np.float32(mx))
-            ref_mass = np.exp(dec_ref.astype(np.float32).astype(np.float64)).sum()
+            ref_mass = _lane_sums(lanes[:k], _exp64(dec_ref.astype(np.float32).astype(np.float64)), 1)[0]
             a, b = _fit_tilt_stats(cnt[None, :], (sum_rel - cnt * lse)[None, :],
                                    np.array([coarse_plp / max(coarse_mass, 1e-300) - lse]),
                                    (np.float64(np.float32(anchor)) - np.asarray(COMPACT_LEVELS))[None, :],
@@ -744,6 +794,10 @@ class CompactEncoding(BaselineEncoding):
         # (so that the base compared with itself gives 0 up to float32 rounding of the result).
         dec = np.empty((rr, v), np.float32)
         self._decode_into(out, r0, r1, v, dec)
+        self._store_xent(out, r0, r1, xb, dec)
+
+    @staticmethod
+    def _store_xent(out, r0, r1, xb, dec) -> None:
         m = compare_rows(lambda q0, q1, _buf: dec[q0:q1], xb, None,
                          base_top=np.asarray(out["top_ids"][r0:r1, 0]))
         out["xent_correction"][r0:r1] = -m.kld
@@ -807,6 +861,17 @@ class CompactEncoding(BaselineEncoding):
         return m
 
 
+def compact_encoder():
+    """The compiled compact encoder ``CompactEncoding.encode`` uses by default, or None for numpy.
+
+    It lives in ``ggufopt_ray.engine.kld_native`` (built on first use like the KLD kernel, and
+    selected by the same ``GGUFOPT_KLD_KERNEL=auto|native|numpy``); it produces the same arrays as
+    the numpy code. This module stays numpy-only: the import is lazy."""
+    from ggufopt_ray.engine import kld_native
+
+    return kld_native.compact_encoder()
+
+
 def _fit_tilt_stats(cnt, sum_lp, target, level_rel, mx, mass, iters: int = 40):
     """Per row (a, b): coarse log p~ = mx + a + b * level_rel[level], with the coarse tokens' exact
     mass (``mass``) and exact mean log-prob (``target``, under p, over the coarse tokens).
@@ -825,8 +890,9 @@ def _fit_tilt_stats(cnt, sum_lp, target, level_rel, mx, mass, iters: int = 40):
 
     def tilted_mean(b):
         z, zmax = log_weights(b)
-        w = cnt * np.exp(z - zmax[:, None])
-        return (w * mean_per_level).sum(axis=1) / np.where(w.sum(axis=1) > 0, w.sum(axis=1), 1.0)
+        w = cnt * _exp64(z - zmax[:, None])
+        ws = _sum_levels(w)
+        return _sum_levels(w * mean_per_level) / np.where(ws > 0, ws, 1.0)
 
     n = cnt.shape[0]
     fit = occupied.sum(axis=1) >= 2
@@ -838,9 +904,8 @@ def _fit_tilt_stats(cnt, sum_lp, target, level_rel, mx, mass, iters: int = 40):
         lo = np.where(up, b, lo)
         hi = np.where(up, hi, b)
     z, zmax = log_weights(b)
-    s = (cnt * np.exp(z - zmax[:, None])).sum(axis=1)
-    with np.errstate(divide="ignore"):
-        a = np.where(s > 0, np.log(mass) - mx - zmax - np.log(np.where(s > 0, s, 1.0)), 0.0)
+    s = _sum_levels(cnt * _exp64(z - zmax[:, None]))
+    a = np.where(s > 0, _log64(mass) - mx - zmax - _log64(np.where(s > 0, s, 1.0)), 0.0)
     return a, b
 
 
