@@ -157,7 +157,7 @@ def test_dominance_needs_paired_chunks_and_a_no_larger_rival():
     assert race_decision([good, bad], "good", cfg).reason == "running"
 
 
-RUNS = 150
+RUNS = 100
 _RACES: dict = {}
 
 

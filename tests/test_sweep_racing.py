@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import small_sweep_config
+from ggufopt_ray.evaluation import parse_chunk_ids
+from ggufopt_ray.metrics.racing import chunk_order
 
 ROOT = Path(__file__).resolve().parents[1]
 # On the tiny model Q4_1 (5.21 bpw) is larger than Q4_K_M (5.00 bpw) and clearly worse (mean KLD
@@ -70,6 +72,26 @@ def test_racing_stops_the_dominated_candidate_and_keeps_the_ranking(ray_local, t
     assert all(r["chunks"] == 12 for r in full.rows)
     assert (sorted(rows, key=lambda k: _reported_mean(rows[k]))
             == sorted(full_rows, key=lambda k: full_rows[k]["kld_mean"]))
+    # The default, staggered orders, on the same cached candidates and chunk results: every
+    # candidate evaluates the shared first chunks, then its own chunk_order from its race place;
+    # every mean is the two-way estimate, within two half-widths of the all-chunks mean.
+    stag_cfg = _racing_config(tmp_path / "cache")
+    stag_cfg.metrics.margin = 0.1
+    assert stag_cfg.metrics.chunk_order == "staggered"
+    stag = run_sweep(stag_cfg, tmp_path / "staggered", log=lambda *a: None)
+    assert not stag.errors
+    stag_board = json.loads((tmp_path / "staggered" / "racing.json").read_text())
+    anchor = max(stag_cfg.metrics.min_chunks, stag_cfg.metrics.min_paired_chunks)
+    assert sorted(e["race_index"] for e in stag_board.values()) == list(range(len(TYPES)))
+    for row in stag.rows:
+        ids = parse_chunk_ids(row["chunk_ids"])
+        place = stag_board[row["label"]]["race_index"]
+        assert ids == chunk_order(place, 12, anchor)[:len(ids)] and len(ids) == row["chunks"]
+        assert sorted(int(i) for i in stag_board[row["label"]]["values"]) == sorted(ids)
+        assert row["kld_mean_adj_control"] == "twoway"
+        half = (row["kld_mean_adj_hi"] - row["kld_mean_adj_lo"]) / 2
+        assert abs(row["kld_mean_adj"] - full_rows[row["label"]]["kld_mean"]) <= 2 * half, row["label"]
+    assert sum(r["chunks"] for r in stag.rows) < 12 * len(TYPES)
     # and the board's record is what the trials reported: Q4_1's per-chunk means on the board
     # equal the all-chunks run's per-chunk values (computed independently from its results store).
     board = json.loads((tmp_path / "raced" / "racing.json").read_text())
