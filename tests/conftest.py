@@ -40,6 +40,23 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def kernel_cache(tmp_path_factory):
+    """A module's own cache for the compiled kernels (engine/kld_native), with the kernel choice
+    left to its default (auto); both settings are restored afterwards."""
+    from ggufopt_ray.engine import kld_native
+
+    old = {k: os.environ.get(k) for k in (kld_native.ENV_CACHE, kld_native.ENV_KERNEL)}
+    os.environ[kld_native.ENV_CACHE] = str(tmp_path_factory.mktemp("kernels"))
+    os.environ.pop(kld_native.ENV_KERNEL, None)
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def small_sweep_config(cache_dir, **search):
     """A sweep config sized for tests: 4 evaluation chunks of 128 tokens, 2 concurrent trials."""
     from ggufopt_ray.config import SweepConfig

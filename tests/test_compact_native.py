@@ -8,7 +8,6 @@ np.rint's rounding), so there is no tolerance anywhere in this file.
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 import pytest
@@ -20,21 +19,12 @@ from ggufopt_ray.metrics.kld import kld_per_token, log_softmax
 
 
 @pytest.fixture(scope="module")
-def native(tmp_path_factory):
-    """The compiled encoder, built once into this module's own cache directory."""
-    cache = tmp_path_factory.mktemp("kernels")
-    old = {k: os.environ.get(k) for k in (kld_native.ENV_CACHE, kld_native.ENV_KERNEL)}
-    os.environ[kld_native.ENV_CACHE] = str(cache)
-    os.environ.pop(kld_native.ENV_KERNEL, None)
+def native(kernel_cache):
+    """The compiled encoder (built once into this module's own cache directory)."""
     enc = compact_encoder()
     if enc is None:
         pytest.skip(f"compiled compact encoder unavailable: {kld_native._entry('compact')[1]}")
     yield enc
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def broad_logits(rng, n, v):

@@ -26,20 +26,11 @@ FIELDS = ("kld", "same_top", "delta_p", "nll_base", "nll_cand")
 
 
 @pytest.fixture(scope="module")
-def native(tmp_path_factory):
-    """The compiled kernel, built once into this module's own cache directory."""
-    cache = tmp_path_factory.mktemp("kernels")
-    old = {k: os.environ.get(k) for k in (kld_native.ENV_CACHE, kld_native.ENV_KERNEL)}
-    os.environ[kld_native.ENV_CACHE] = str(cache)
-    os.environ.pop(kld_native.ENV_KERNEL, None)
+def native(kernel_cache):
+    """The compiled kernel (built once into this module's own cache directory)."""
     if kld_native.library() is None:
         pytest.skip(f"compiled KLD kernel unavailable: {kld_native.why_not()}")
     yield kld_native.compare
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def reference(base, cand, ref=None):

@@ -205,21 +205,29 @@ def why_not() -> str | None:
 
 def default_kernel():
     """``compare`` when the compiled kernel is selected and available, else None (numpy kernel)."""
+    lib = _selected("kld", "compiled KLD kernel", "using the numpy kernel")
+    return None if lib is None else compare
+
+
+def _selected(kind: str, what: str, fallback: str):
+    """The compiled library of ``kind`` ("kld" or "compact") as ``GGUFOPT_KLD_KERNEL`` selects it:
+    None for numpy (forced, or auto without a compiler: one warning per settings), a UserError
+    for native without it or an unknown value."""
     mode = (os.environ.get(ENV_KERNEL) or "auto").strip().lower()
     if mode == "numpy":
         return None
     if mode not in ("auto", "native"):
         raise UserError(f"{ENV_KERNEL} must be auto, native or numpy, got {os.environ.get(ENV_KERNEL)!r}")
-    lib, reason = _entry()
+    lib, reason = _entry(kind)
     if lib is not None:
-        return compare
+        return lib
     if mode == "native":
-        raise UserError(f"{ENV_KERNEL}=native but the compiled KLD kernel is unavailable ({reason}); "
+        raise UserError(f"{ENV_KERNEL}=native but the {what} is unavailable ({reason}); "
                         f"install a C compiler or set {ENV_KERNEL}=numpy")
-    key = _by_settings[_settings_key()] + ("kld",)
+    key = _by_settings[_settings_key()] + (kind,)
     if key not in _warned:
         _warned.add(key)
-        log.warning("compiled KLD kernel unavailable, using the numpy kernel: %s", reason)
+        log.warning("%s unavailable, %s: %s", what, fallback, reason)
     return None
 
 
@@ -422,22 +430,10 @@ def compact_encoder():
     """The compiled compact encoder (see ``_CompactEncoder``) when selected and available, else None
     (``CompactEncoding`` then encodes with numpy). ``GGUFOPT_KLD_KERNEL`` selects, as for the KLD
     kernel: numpy forces numpy, native fails without it, auto falls back with one warning."""
-    mode = (os.environ.get(ENV_KERNEL) or "auto").strip().lower()
-    if mode == "numpy":
+    lib = _selected("compact", "compiled compact encoder", "encoding with numpy")
+    if lib is None:
         return None
-    if mode not in ("auto", "native"):
-        raise UserError(f"{ENV_KERNEL} must be auto, native or numpy, got {os.environ.get(ENV_KERNEL)!r}")
-    lib, reason = _entry("compact")
-    if lib is not None:
-        enc = _encoders.get(id(lib))
-        if enc is None:
-            enc = _encoders[id(lib)] = _CompactEncoder(lib)
-        return enc
-    if mode == "native":
-        raise UserError(f"{ENV_KERNEL}=native but the compiled compact encoder is unavailable ({reason}); "
-                        f"install a C compiler or set {ENV_KERNEL}=numpy")
-    key = _by_settings[_settings_key()] + ("compact",)
-    if key not in _warned:
-        _warned.add(key)
-        log.warning("compiled compact encoder unavailable, encoding with numpy: %s", reason)
-    return None
+    enc = _encoders.get(id(lib))
+    if enc is None:
+        enc = _encoders[id(lib)] = _CompactEncoder(lib)
+    return enc
