@@ -264,7 +264,9 @@ def test_without_a_compiler_the_numpy_kernel_is_used(tmp_path, monkeypatch, capl
         got = kld_per_token(base, cand, ref)
         kld_per_token(base, cand, ref)
     warnings = [r for r in caplog.records if r.name == kld_native.__name__]
-    assert len(warnings) == 1 and "numpy kernel" in warnings[0].getMessage()
+    # one warning, though the KLD kernel and the log-softmax kernel (which kld_per_token's
+    # reference computation uses) both fell back
+    assert len(warnings) == 1 and "numpy" in warnings[0].getMessage()
     want = kld_per_token(base, cand, ref, kernel="numpy")
     for k in FIELDS:
         np.testing.assert_array_equal(getattr(got, k), getattr(want, k))

@@ -47,6 +47,8 @@ ABI = 2
 COMPACT_SOURCE = Path(__file__).with_name("compact_kernel.c")
 COMPACT_FLAGS = FLAGS + ["-ffp-contract=off"]
 COMPACT_ABI = 1
+# Headers the sources include (part of every library's build key).
+HEADERS = [Path(__file__).with_name("simd_exp.h")]
 # Rows per foreign call when the kernel reads the arrays directly (~2 MiB of float32 per call):
 # enough to make the call overhead negligible, few enough to share rows evenly among threads.
 DIRECT_BLOCK_ELEMENTS = 1 << 19
@@ -99,7 +101,7 @@ def _build_key(cc: list[str], source: bytes, flags: list[str] = FLAGS) -> str:
 
 def _build(cc: list[str], directory: Path, source_path: Path = SOURCE, flags: list[str] = FLAGS) -> Path:
     """The library of ``source_path`` built with ``flags`` (named after the source's stem)."""
-    source = source_path.read_bytes()
+    source = source_path.read_bytes() + b"".join(h.read_bytes() for h in HEADERS)
     key = _build_key(cc, source, flags)
     stem = source_path.stem
     directory.mkdir(parents=True, exist_ok=True)
@@ -165,9 +167,16 @@ def _settings_key() -> tuple:
 _by_settings: dict[tuple, tuple] = {}  # _settings_key() -> (compiler, cache dir) key of _loaded
 
 
+def register_kind(kind: str, source: Path, flags: list[str], load) -> None:
+    """Make ``kind`` a library ``_entry`` can build: ``source`` compiled with ``flags``, then
+    ``load(path)`` (which checks it and returns the loaded library)."""
+    _kinds[kind] = (source, flags, load)
+
+
 def _entry(kind: str = "kld") -> tuple:
     """(library or None, why not) for the current settings, building and loading it on first use.
-    ``kind``: "kld" (kld_kernel.c) or "compact" (compact_kernel.c)."""
+    ``kind``: "kld" (kld_kernel.c), "compact" (compact_kernel.c), or one that ``register_kind``
+    added ("f16": f16_kernel.c, by ``f16_native``)."""
     skey = _settings_key()
     base = _by_settings.get(skey)
     if base is None:
@@ -181,15 +190,16 @@ def _entry(kind: str = "kld") -> tuple:
                 try:
                     if not key[0]:
                         raise RuntimeError("no C compiler found (set CC)")
-                    if kind == "compact":
-                        lib = _load_compact(_build(list(key[0]), Path(key[1]), COMPACT_SOURCE, COMPACT_FLAGS))
-                    else:
-                        lib = _load(_build(list(key[0]), Path(key[1])))
+                    source, flags, load = _kinds[kind]
+                    lib = load(_build(list(key[0]), Path(key[1]), source, flags))
                     entry = (lib, None)
                 except Exception as e:  # noqa: BLE001 - any failure means: use the numpy kernel
                     entry = (None, f"{type(e).__name__}: {' '.join(str(e).split())}"[:400])
                 _loaded[key] = entry
     return entry
+
+
+_kinds: dict[str, tuple] = {}  # kind -> (source, flags, load); filled below and by register_kind
 
 
 def library():
@@ -210,7 +220,7 @@ def default_kernel():
 
 
 def _selected(kind: str, what: str, fallback: str):
-    """The compiled library of ``kind`` ("kld" or "compact") as ``GGUFOPT_KLD_KERNEL`` selects it:
+    """The compiled library of ``kind`` ("kld", "compact", "f16") as ``GGUFOPT_KLD_KERNEL`` selects it:
     None for numpy (forced, or auto without a compiler: one warning per settings), a UserError
     for native without it or an unknown value."""
     mode = (os.environ.get(ENV_KERNEL) or "auto").strip().lower()
@@ -224,7 +234,8 @@ def _selected(kind: str, what: str, fallback: str):
     if mode == "native":
         raise UserError(f"{ENV_KERNEL}=native but the {what} is unavailable ({reason}); "
                         f"install a C compiler or set {ENV_KERNEL}=numpy")
-    key = _by_settings[_settings_key()] + (kind,)
+    # one warning per settings and reason: without a compiler every kind fails alike
+    key = _by_settings[_settings_key()] + (reason,)
     if key not in _warned:
         _warned.add(key)
         log.warning("%s unavailable, %s: %s", what, fallback, reason)
@@ -437,3 +448,7 @@ def compact_encoder():
     if enc is None:
         enc = _encoders[id(lib)] = _CompactEncoder(lib)
     return enc
+
+
+register_kind("kld", SOURCE, FLAGS, _load)
+register_kind("compact", COMPACT_SOURCE, COMPACT_FLAGS, _load_compact)

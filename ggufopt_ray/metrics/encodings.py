@@ -264,6 +264,13 @@ class Float16Encoding(BaselineEncoding):
             raise ValueError(f"baseline log-probs must be [n_tokens, n_vocab>=2], got shape {x_all.shape}")
         n, v = x_all.shape
         ref = _check_ref(ref_tokens, n, v)
+        native = float16_encoder()
+        if native is not None:
+            got = native(x_all, ref, from_logits, threads)
+            if got is not None:
+                got["top_id"] = got["top_id"].astype(_id_dtype(v))
+                return got
+            # a bad row: the numpy code below finds it and says which
         codes = np.empty((n, v), np.float16)
         corr = np.empty(n, np.float32)
         top_id = np.empty(n, _id_dtype(v))
@@ -859,6 +866,18 @@ class CompactEncoding(BaselineEncoding):
         if ref_tokens is not None and "ref_logprob" in encoded:
             _with_ref_extras(m, -np.asarray(encoded["ref_logprob"], np.float64))
         return m
+
+
+def float16_encoder():
+    """The compiled float16 encoder ``Float16Encoding`` uses by default, or None for numpy.
+
+    It lives in ``ggufopt_ray.engine.f16_native`` (built on first use like the KLD kernel, and
+    selected by the same ``GGUFOPT_KLD_KERNEL=auto|native|numpy``); its codes are float16 of the
+    compiled ``kld.log_softmax``, as this module's are of the numpy one. This module stays
+    numpy-only: the import is lazy."""
+    from ggufopt_ray.engine import f16_native
+
+    return f16_native.float16_encoder()
 
 
 def compact_encoder():

@@ -114,6 +114,8 @@ def log_softmax(logits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray
         raise ValueError(f"log_softmax expects [n_tokens, n_vocab] logits, got shape {x.shape}")
     if out is None:
         out = np.empty(x.shape, np.float32)
+    if _compiled_log_softmax(x, out):
+        return out
     n, v = x.shape
     step = max(1, BLOCK_ELEMENTS // max(v, 1))
     tmp = np.empty((min(step, n), v), np.float32)
@@ -126,6 +128,15 @@ def log_softmax(logits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray
         log_sum = np.log(_rowsum(e)).astype(np.float32)
         np.subtract(shifted, log_sum[:, None], out=shifted)
     return out
+
+
+def _compiled_log_softmax(x: np.ndarray, out: np.ndarray) -> bool:
+    """``log_softmax`` by the compiled kernel (``ggufopt_ray.engine.f16_native``: the same formula,
+    its own exponential and float64 sum) when selected and available and the arrays are float32
+    rows; False otherwise. This module stays numpy-only: the import is lazy."""
+    from ggufopt_ray.engine import f16_native
+
+    return f16_native.log_softmax(x, out)
 
 
 def _rowdot(x: np.ndarray, y: np.ndarray) -> np.ndarray:
