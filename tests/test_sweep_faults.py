@@ -124,7 +124,12 @@ def test_killed_driver_resumes_without_recomputing(tmp_path):
     saved_done = _terminated_in_saved_state(out)
     assert 2 <= saved_done <= len(done_before) < len(KILL_TYPES)
 
-    second = subprocess.run(_sweep_cmd(out, cache), env=env, capture_output=True, text=True, timeout=400)
+    try:
+        second = subprocess.run(_sweep_cmd(out, cache), env=env, capture_output=True, text=True, timeout=400)
+    except subprocess.TimeoutExpired as e:  # say where it stood, not just that it took too long
+        tail = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
+                       for x in (e.stdout, e.stderr))
+        pytest.fail(f"the resumed sweep did not finish in 400 s; its output ends:\n{tail[-4000:]}")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     summary = json.loads((out / "sweep.json").read_text())
     assert summary["resumed"] is True

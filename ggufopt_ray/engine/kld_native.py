@@ -40,7 +40,7 @@ ENV_KERNEL = "GGUFOPT_KLD_KERNEL"
 ENV_CACHE = "GGUFOPT_KERNEL_CACHE"
 SOURCE = Path(__file__).with_name("kld_kernel.c")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=gnu11", "-fPIC", "-shared"]
-ABI = 2
+ABI = 3
 # The compact encoder (compact_kernel.c): a library of its own, because its float64 code must
 # round as numpy's elementwise operations do (no fused multiply-add), which the KLD kernel's
 # flags do not ask for.
