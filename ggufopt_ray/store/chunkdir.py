@@ -14,9 +14,10 @@ yielding wrong numbers, and ``discard_damaged`` removes such chunks so that the 
 recomputes them. The checksum guards against damage, not tampering, so new chunks record
 XXH3-128 (``xxh3_128:<hex>``, ~10 GB/s; xxhash comes with ``datasets``) instead of SHA-256
 (1.4 GB/s: 18 ms of CPU per 25 MB chunk, on the writer thread of a baseline pass and again on
-every read); chunks that recorded SHA-256 (a bare hex digest) are verified with it. A header that HDF5 cannot read is a one-line error naming the file. Failing
-writes (a full disk, a read-only folder) remove their temporary file and become one-line errors
-naming the path and the fix.
+every read); chunks that recorded SHA-256 (a bare hex digest) are verified with it. A header
+that HDF5 cannot read is a one-line error naming the file. Failing writes (a full disk, a
+read-only folder) remove their temporary file and become one-line errors naming the path and
+the fix.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def array_checksum(arr: np.ndarray, like: str | None = None) -> str:
 
 
 # Arrays at least this large are written from their own buffers into space HDF5 reserved for
-# them (``_reserve_large``); smaller ones go into HDF5's in-memory image.
+# them (``_h5_image``); smaller ones go into HDF5's in-memory image.
 LARGE_ARRAY_BYTES = 1 << 20
 
 
@@ -164,7 +165,7 @@ def _write_image(fh, image, pieces) -> None:
     at = 0
     for offset, arr in pieces:
         fh.write(buf[at:offset])
-        fh.write(memoryview(arr.reshape(-1)).cast("B"))
+        fh.write(arr.reshape(-1).view(np.uint8))
         at = offset + arr.nbytes
     fh.write(buf[at:])
 
