@@ -29,7 +29,7 @@
 
 #include <stddef.h>
 
-#include "simd_exp.h"
+#include "simd_rows.h"
 
 #define GGF_ABI 1
 #define FLUSH 8 /* vectors summed in float32 before the float64 accumulators take them */
@@ -37,75 +37,7 @@
 int ggf_abi(void) { return GGF_ABI; }
 int ggf_simd(void) { return GG_AVX2; }
 
-/* numpy's argmax: the first NaN if there is one, else the first maximum */
-static int64_t argmax_s(const float *x, int64_t v) {
-    int64_t best = 0;
-    float m = x[0];
-    if (m != m) return 0;
-    for (int64_t i = 1; i < v; i++) {
-        if (x[i] != x[i]) return i;
-        if (x[i] > m) { m = x[i]; best = i; }
-    }
-    return best;
-}
-
 #if GG_AVX2
-
-static inline double hsum_pd(__m256d x) {
-    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(x), _mm256_extractf128_pd(x, 1));
-    return _mm_cvtsd_f64(s) + _mm_cvtsd_f64(_mm_unpackhi_pd(s, s));
-}
-
-static inline __m256d widen_add(__m256d acc, __m256 x) {
-    acc = _mm256_add_pd(acc, _mm256_cvtps_pd(_mm256_castps256_ps128(x)));
-    return _mm256_add_pd(acc, _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
-}
-
-/* the last v - i (< 8) entries, padded with `pad` */
-static inline __m256 load_tail(const float *x, int64_t i, int64_t v, float pad) {
-    float buf[8];
-    for (int k = 0; k < 8; k++) buf[k] = i + k < v ? x[i + k] : pad;
-    return _mm256_loadu_ps(buf);
-}
-
-/* numpy's argmax with 2 x 8 lanes of (maximum, first index); NaN rows go to the scalar scan */
-static int64_t argmax_v(const float *x, int64_t v) {
-    __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0, nan = _mm256_setzero_ps();
-    __m256i i0 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), i1 = i0, cur = i0;
-    const __m256i eight = _mm256_set1_epi32(8);
-    int64_t i = 0;
-    for (; i + 16 <= v; i += 16) {
-        __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
-        __m256i cur1 = _mm256_add_epi32(cur, eight);
-        __m256 ga = _mm256_cmp_ps(a, m0, _CMP_GT_OQ), gb = _mm256_cmp_ps(b, m1, _CMP_GT_OQ);
-        nan = _mm256_or_ps(nan, _mm256_cmp_ps(a, b, _CMP_UNORD_Q));
-        m0 = _mm256_blendv_ps(m0, a, ga);
-        m1 = _mm256_blendv_ps(m1, b, gb);
-        i0 = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(i0), _mm256_castsi256_ps(cur), ga));
-        i1 = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(i1), _mm256_castsi256_ps(cur1), gb));
-        cur = _mm256_add_epi32(cur1, eight);
-    }
-    for (; i < v; i += 8) {
-        __m256 a = i + 8 <= v ? _mm256_loadu_ps(x + i) : load_tail(x, i, v, -INFINITY);
-        __m256 ga = _mm256_cmp_ps(a, m0, _CMP_GT_OQ);
-        nan = _mm256_or_ps(nan, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
-        m0 = _mm256_blendv_ps(m0, a, ga);
-        i0 = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(i0), _mm256_castsi256_ps(cur), ga));
-        cur = _mm256_add_epi32(cur, eight);
-    }
-    if (_mm256_movemask_ps(nan)) return argmax_s(x, v);
-    float mv[16];
-    int32_t iv[16];
-    _mm256_storeu_ps(mv, m0);
-    _mm256_storeu_ps(mv + 8, m1);
-    _mm256_storeu_si256((__m256i *)iv, i0);
-    _mm256_storeu_si256((__m256i *)(iv + 8), i1);
-    int best = 0;
-    for (int k = 1; k < 16; k++)
-        if (mv[k] > mv[best] || (mv[k] == mv[best] && iv[k] < iv[best])) best = k;
-    /* a row of -inf only (or shorter than a vector, all padding): numpy says 0 */
-    return mv[best] == -INFINITY && !(x[0] > -INFINITY) ? 0 : iv[best];
-}
 
 /* sum over i != top of exp(x_i - m); e_out (when not NULL, room for v rounded up to 8) gets
  * every e_i, the top's as 0 */
@@ -118,7 +50,7 @@ static double exp_pass(const float *x, int64_t v, float m, int64_t top, float *e
     __m256 part = _mm256_setzero_ps();
     int k = 0;
     for (int64_t i = 0; i < v; i += 8) {
-        __m256 xv = i < full ? _mm256_loadu_ps(x + i) : load_tail(x, i, v, -INFINITY);
+        __m256 xv = i < full ? _mm256_loadu_ps(x + i) : load_tail(x, 0, i, v, -INFINITY);
         __m256 e = exp_fast_v(_mm256_sub_ps(xv, vm));
         if (i == tv) e = _mm256_andnot_ps(top_lane, e);
         if (e_out) _mm256_storeu_ps(e_out + i, e);
@@ -141,7 +73,7 @@ static void code_pass(const float *x, int64_t v, float m, float lsum, int from_l
     __m256 p1 = _mm256_setzero_ps(), p2 = p1, p3 = p1, p4 = p1;
     int k = 0;
     for (int64_t i = 0; i < v; i += 8) {
-        __m256 r = i < full ? _mm256_loadu_ps(x + i) : load_tail(x, i, v, 0.0f);
+        __m256 r = i < full ? _mm256_loadu_ps(x + i) : load_tail(x, 0, i, v, 0.0f);
         __m256 xv = from_logits ? _mm256_sub_ps(_mm256_sub_ps(r, vm), vl) : r;
         __m128i h = _mm256_cvtps_ph(xv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         if (i < full) {
@@ -185,15 +117,13 @@ static void normalize_pass(const float *x, int64_t v, float m, float lsum, float
 
 #else /* portable: the same definitions one entry at a time */
 
-static int64_t argmax_v(const float *x, int64_t v) { return argmax_s(x, v); }
-
 static double exp_pass(const float *x, int64_t v, float m, int64_t top, float *e_out) {
     double acc = 0.0;
     for (int64_t i = 0; i < v;) {
         float part = 0.0f;
         for (int k = 0; k < 8 * FLUSH && i < v; k++, i++) {
             float z = x[i] - m;
-            float e = i == top ? 0.0f : (z < EXP_LO ? 0.0f : exp_s(z));
+            float e = i == top ? 0.0f : exp_s(z);
             if (e_out) e_out[i] = e;
             part += e;
         }
@@ -207,12 +137,6 @@ static uint16_t f2h(float f) {
     uint16_t u;
     memcpy(&u, &h, 2);
     return u;
-}
-
-static float h2f(uint16_t u) {
-    _Float16 h;
-    memcpy(&h, &u, 2);
-    return (float)h;
 }
 
 static void code_pass(const float *x, int64_t v, float m, float lsum, int from_logits, const float *e,
@@ -239,6 +163,15 @@ static void normalize_pass(const float *x, int64_t v, float m, float lsum, float
 
 #endif
 
+/* numpy's argmax of a float32 row */
+static inline int64_t row_argmax(const float *x, int64_t v) {
+#if GG_AVX2
+    return argmax_v(x, 0, v);
+#else
+    return argmax_numpy_a(x, 0, v);
+#endif
+}
+
 static inline float log_sum_of(double rest) { return (float)log1p(rest); }
 
 /* Log-softmax of rows 0..n of x (row stride x_stride floats) into out (stride out_stride; may be
@@ -246,7 +179,7 @@ static inline float log_sum_of(double rest) { return (float)log1p(rest); }
 void ggf_log_softmax_rows(int64_t n, int64_t v, const float *x, int64_t x_stride, float *out, int64_t out_stride) {
     for (int64_t r = 0; r < n; r++) {
         const float *xr = x + r * x_stride;
-        int64_t top = argmax_v(xr, v);
+        int64_t top = row_argmax(xr, v);
         float m = xr[top];
         /* a NaN or an infinite maximum: a row of NaN, as numpy's formula gives */
         float lsum = isfinite(m) ? log_sum_of(exp_pass(xr, v, m, top, NULL)) : NAN;
@@ -264,7 +197,7 @@ int64_t ggf_f16_encode_rows(int64_t n, int64_t v, const float *x, int64_t x_stri
     for (int64_t r = 0; r < n; r++) {
         const float *xr = x + r * x_stride;
         uint16_t *cr = codes + r * codes_stride;
-        int64_t top = argmax_v(xr, v);
+        int64_t top = row_argmax(xr, v);
         float m = xr[top];
         double rest = exp_pass(xr, v, m, top, scratch);
         float lsum = log_sum_of(rest);
@@ -272,11 +205,7 @@ int64_t ggf_f16_encode_rows(int64_t n, int64_t v, const float *x, int64_t x_stri
         code_pass(xr, v, m, lsum, from_logits, scratch, cr, mom);
         /* the top's term in float64; its code is x_top rounded to float16 (code_pass wrote it) */
         float x_top = from_logits ? (xr[top] - m) - lsum : xr[top];
-#if GG_AVX2
-        double d_top = (double)x_top - (double)_cvtsh_ss(cr[top]);
-#else
         double d_top = (double)x_top - (double)h2f(cr[top]);
-#endif
         double s = 1.0 + rest, dk = 1.0, mk[4];
         for (int k = 0; k < 4; k++) {
             dk *= d_top;

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ggufopt_ray.engine import kld_native
+from ggufopt_ray.metrics.kld import rows_per_block, run_row_blocks
 
 SOURCE = Path(__file__).with_name("f16_kernel.c")
 ABI = 1
@@ -30,10 +31,7 @@ _local = threading.local()
 
 
 def _load(path: Path):
-    lib = ctypes.CDLL(str(path))
-    lib.ggf_abi.restype = ctypes.c_int
-    if lib.ggf_abi() != ABI:
-        raise RuntimeError(f"{path} has ABI {lib.ggf_abi()}, expected {ABI}")
+    lib = kld_native.open_library(path, "ggf_abi", ABI)
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.ggf_log_softmax_rows.restype = None
     lib.ggf_log_softmax_rows.argtypes = [i64, i64, p, i64, p, i64]
@@ -104,15 +102,21 @@ def log_softmax(x: np.ndarray, out: np.ndarray) -> bool:
     return True
 
 
+def _outputs(n: int, v: int, with_ref: bool) -> dict:
+    """The arrays of an encoding of n rows (top_id as int64, as the kernel writes it)."""
+    out = {"logprobs": np.empty((n, v), np.float16), "xent_correction": np.empty(n, np.float32),
+           "top_id": np.empty(n, np.int64)}
+    if with_ref:
+        out["ref_logprob"] = np.empty(n, np.float32)
+    return out
+
+
 def _encode_call(lib, x, ref, from_logits: bool, out=None, r0: int = 0):
     """Rows of ``x`` into rows r0: of ``out`` (allocated when None); returns ``out``, or None when
     a row is bad (non-finite logits, or log-probs float16 cannot hold)."""
     n, v = x.shape
     if out is None:
-        out = {"logprobs": np.empty((n, v), np.float16), "xent_correction": np.empty(n, np.float32),
-               "top_id": np.empty(n, np.int64)}
-        if ref is not None:
-            out["ref_logprob"] = np.empty(n, np.float32)
+        out = _outputs(n, v, ref is not None)
     codes, top = out["logprobs"], out["top_id"]
     ref_ptr = None
     if ref is not None:  # the reference tokens of these rows
@@ -136,15 +140,10 @@ def float16_encoder():
         return None
 
     def encode(rows: np.ndarray, ref, from_logits: bool, threads: int):
-        from ggufopt_ray.metrics.kld import rows_per_block, run_row_blocks
-
         if not _f32_rows(rows):
             rows = np.ascontiguousarray(rows, np.float32)
         n, v = rows.shape
-        out = {"logprobs": np.empty((n, v), np.float16), "xent_correction": np.empty(n, np.float32),
-               "top_id": np.empty(n, np.int64)}
-        if ref is not None:
-            out["ref_logprob"] = np.empty(n, np.float32)
+        out = _outputs(n, v, ref is not None)
         failed = []
 
         def work(blocks):

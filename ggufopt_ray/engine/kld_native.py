@@ -48,7 +48,7 @@ COMPACT_SOURCE = Path(__file__).with_name("compact_kernel.c")
 COMPACT_FLAGS = FLAGS + ["-ffp-contract=off"]
 COMPACT_ABI = 1
 # Headers the sources include (part of every library's build key).
-HEADERS = [Path(__file__).with_name("simd_exp.h")]
+HEADERS = [Path(__file__).with_name(name) for name in ("simd_exp.h", "simd_rows.h")]
 # Rows per foreign call when the kernel reads the arrays directly (~2 MiB of float32 per call):
 # enough to make the call overhead negligible, few enough to share rows evenly among threads.
 DIRECT_BLOCK_ELEMENTS = 1 << 19
@@ -131,11 +131,19 @@ def _build(cc: list[str], directory: Path, source_path: Path = SOURCE, flags: li
     return lib
 
 
-def _load(path: Path):
+def open_library(path: Path, abi_function: str, abi: int):
+    """The library at ``path``, refused (RuntimeError) unless ``abi_function()`` returns ``abi``:
+    a library built from another version of its source is not called with this one's arguments."""
     lib = ctypes.CDLL(str(path))
-    lib.ggk_abi.restype = ctypes.c_int
-    if lib.ggk_abi() != ABI:
-        raise RuntimeError(f"{path} has ABI {lib.ggk_abi()}, expected {ABI}")
+    fn = getattr(lib, abi_function)
+    fn.restype = ctypes.c_int
+    if fn() != abi:
+        raise RuntimeError(f"{path} has ABI {fn()}, expected {abi}")
+    return lib
+
+
+def _load(path: Path):
+    lib = open_library(path, "ggk_abi", ABI)
     lib.ggk_simd.restype = ctypes.c_int
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.ggk_kld_rows.restype = i64
@@ -347,10 +355,7 @@ def _redo_float64(rows: np.ndarray, load_base, direct_a, b_all, ref, out) -> Non
 # ----------------------------------------------------------------------------- the compact encoder
 
 def _load_compact(path: Path):
-    lib = ctypes.CDLL(str(path))
-    lib.ggc_abi.restype = ctypes.c_int
-    if lib.ggc_abi() != COMPACT_ABI:
-        raise RuntimeError(f"{path} has ABI {lib.ggc_abi()}, expected {COMPACT_ABI}")
+    lib = open_library(path, "ggc_abi", COMPACT_ABI)
     lib.ggc_n_consts.restype = ctypes.c_int
     if lib.ggc_n_consts() != len(_compact_consts()):
         raise RuntimeError(f"{path} expects {lib.ggc_n_consts()} constants, not {len(_compact_consts())}")

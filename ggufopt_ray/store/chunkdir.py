@@ -121,7 +121,7 @@ LARGE_ARRAY_BYTES = 1 << 20
 
 
 def _h5_image(arrays: dict[str, np.ndarray], attrs: dict):
-    """The HDF5 file of ``arrays`` and ``attrs`` as an in-memory image plus ``(offset, array)``
+    """The HDF5 file of ``arrays`` (C-contiguous) and ``attrs`` as an in-memory image plus ``(offset, array)``
     pieces: large arrays are not copied into the image; HDF5 reserves contiguous space for each
     (allocated at creation, never filled) and the writer puts the array's own bytes there. The
     image holds everything else (where HDF5 wrote metadata after a reserved space, the image has
@@ -131,8 +131,7 @@ def _h5_image(arrays: dict[str, np.ndarray], attrs: dict):
     import h5py
 
     image = io.BytesIO()
-    large = {k: np.ascontiguousarray(a) for k, a in arrays.items()
-             if a.nbytes >= LARGE_ARRAY_BYTES and a.dtype.kind in "biuf"}
+    large = {k: a for k, a in arrays.items() if a.nbytes >= LARGE_ARRAY_BYTES and a.dtype.kind in "biuf"}
     pieces = []
     with h5py.File(image, "w", track_order=True) as f:
         for key, value in attrs.items():
@@ -179,7 +178,8 @@ def _write_h5_atomically(final: Path, arrays: dict[str, np.ndarray], attrs: dict
     object destructors (a screen of "Exception ignored" tracebacks after the error message).
     """
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-    arrays = {name: np.asarray(arr) for name, arr in arrays.items()}
+    # C order once: the checksums and the writer then read the arrays in place
+    arrays = {name: np.asarray(arr, order="C") for name, arr in arrays.items()}
     if arrays:
         attrs = {**attrs, CHECKSUM_ATTR: {name: array_checksum(a) for name, a in arrays.items()}}
     image, pieces = _h5_image(arrays, attrs)
