@@ -2,6 +2,7 @@
 
 import json
 import math
+import statistics
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from ggufopt_ray.metrics.kld import TokenMetrics, kld_per_token, log_softmax
 from ggufopt_ray.metrics.stats import (
     KLDSummary, RunSummary, bootstrap_interval, chunk_bootstrap, chunk_mean_se, composite_score,
-    percentile, summarize, summarize_chunks,
+    percentile, summarize, summarize_chunks, t_quantile,
 )
 
 
@@ -242,3 +243,18 @@ def test_missing_reference_tokens_give_nan_perplexities():
     s = summarize(TokenMetrics(kld=k, same_top=np.ones_like(k), delta_p=nan, nll_base=nan, nll_cand=nan))
     assert math.isfinite(s.kld_mean) and math.isfinite(s.composite)
     assert math.isnan(s.ppl_base) and math.isnan(s.ln_ppl_ratio) and math.isnan(s.delta_p_rms)
+
+
+@pytest.mark.parametrize("q", [0.0005, 0.025, 0.1, 0.5, 0.8, 0.975, 0.9999])
+def test_t_quantile_matches_closed_forms(q):
+    # df = 1 is the Cauchy distribution, df = 2 has a closed-form quantile; large df tends to the normal.
+    assert t_quantile(q, 1) == pytest.approx(math.tan(math.pi * (q - 0.5)), rel=1e-12, abs=1e-12)
+    assert t_quantile(q, 2) == pytest.approx((2 * q - 1) / math.sqrt(2 * q * (1 - q)), rel=1e-12, abs=1e-12)
+    z = statistics.NormalDist().inv_cdf(q)
+    assert t_quantile(q, 1e7) == pytest.approx(z, rel=1e-5, abs=1e-9)
+
+
+def test_t_quantile_is_symmetric_and_keeps_small_tails():
+    assert t_quantile(0.975, 7.5) == pytest.approx(-t_quantile(0.025, 7.5), rel=1e-14)
+    # an upper quantile for a tail probability far below float64's spacing near 1
+    assert t_quantile(1 - 1e-12, 1) == pytest.approx(1 / (math.pi * 1e-12), rel=1e-3)

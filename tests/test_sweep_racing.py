@@ -33,6 +33,10 @@ def _racing_config(cache: Path):
     cfg.dataset.eval_chunks = 12
     cfg.metrics.early_stopping = True  # racing is on by default
     cfg.metrics.margin = 0.01  # tight: the front candidates go on, so racing has to decide Q4_1
+    # One trial at a time: Q4_1 then races against Q4_K_M's finished chunks, so the decision depends
+    # on the numbers only. Side by side, Q4_1 (the quicker to evaluate) can reach its last chunk
+    # while Q4_K_M is still a few chunks behind, and a test on fewer pairs may not yet reject.
+    cfg.cluster.max_concurrent_trials = 1
     return cfg
 
 

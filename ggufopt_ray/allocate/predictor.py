@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
-from scipy import optimize, stats
 
 from ggufopt_ray.errors import UserError
 
@@ -210,6 +209,8 @@ def fit_correction(table: MixTable, mixes, measured, *, weights=None, ridge_grou
         lo[1], hi[1] = exponent_bounds
     lo[len(theta0) - len(active):] = -max_abs_group_log_scale
     hi[len(theta0) - len(active):] = max_abs_group_log_scale
+    from scipy import optimize  # deferred: scipy.optimize costs every Ray worker ~1 s to import
+
     sol = optimize.least_squares(residuals, theta0, bounds=(lo, hi), method="trf", x_scale=1.0)
     a, b, u = unpack(sol.x)
     return Correction(log_scale=float(a), exponent=float(b), group_log_scale=u, n_points=n)
@@ -242,6 +243,8 @@ def compare(predicted, measured) -> PredictionReport:
     rel = (p - m) / m
     rho = math.nan
     if n >= 3 and np.ptp(p) > 0 and np.ptp(m) > 0:
+        from scipy import stats  # deferred, as scipy.optimize above
+
         rho = float(stats.spearmanr(p, m).statistic)
     return PredictionReport(n=n, spearman=rho, median_abs_rel_error=float(np.median(np.abs(rel))),
                             max_abs_rel_error=float(np.max(np.abs(rel))), mean_rel_error=float(np.mean(rel)))

@@ -1,7 +1,9 @@
-"""CPU work as Ray tasks: build candidates and importance matrices, ship files between nodes.
+"""CPU work of trials: build candidates and importance matrices, ship files between nodes.
 
-Resources come from the config (``cluster.task_resources``, e.g. ``{cpu_node: 0.01}`` to pin the
-work to CPU nodes); every task carries a readable name in the dashboard. Files are written to the
+The work runs in the trial's own process unless the config pins it to a node group
+(``cluster.task_resources``, e.g. ``{cpu_node: 0.01}``) or gives it CPUs of its own
+(``cluster.task_cpus``); then it runs as a Ray task, which carries a readable name in the
+dashboard (:func:`run_cpu_work`). Files are written to the
 cache directory; when a consumer runs on a node that does not share that directory, it pulls the
 bytes from the producing node through the object store (``fetch_to_local``).
 
@@ -98,8 +100,7 @@ def _remember_digest(path: Path, digest: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-@ray.remote(num_cpus=1, max_retries=2)
-def build_candidate_task(recipe: Recipe, base_model: str, cache_dir: str, model_fp: str,
+def build_candidate_here(recipe: Recipe, base_model: str, cache_dir: str, model_fp: str,
                          imatrix_path: str | None, threads: int | None,
                          imatrix_node_id: str | None = None) -> Candidate:
     """Build (or find in the cache) the candidate of ``recipe``; the Candidate says on which node.
@@ -125,8 +126,7 @@ def build_candidate_task(recipe: Recipe, base_model: str, cache_dir: str, model_
     return cand
 
 
-@ray.remote(num_cpus=1, max_retries=2)
-def build_imatrix_task(model_path: str, chunks: list, out_path: str, n_ctx: int,
+def build_imatrix_here(model_path: str, chunks: list, out_path: str, n_ctx: int,
                        threads: int | None) -> dict:
     """Collect an importance matrix over ``chunks`` (cached at ``out_path``, or at its place under
     this node's cache root); the dict says where, and on which node."""
@@ -141,8 +141,7 @@ def build_imatrix_task(model_path: str, chunks: list, out_path: str, n_ctx: int,
     return {"path": str(out), "hash": im.hash(), "chunks": im.chunk_count, "node_id": _node_id()}
 
 
-@ray.remote(num_cpus=1, max_retries=2)
-def build_imatrix_prefixes_task(model_path: str, chunks: list, out_paths: list, n_ctx: int,
+def build_imatrix_prefixes_here(model_path: str, chunks: list, out_paths: list, n_ctx: int,
                                 threads: int | None) -> dict:
     """The importance matrices of every prefix of ``chunks`` in one pass: ``out_paths[i]`` holds
     the collection on ``chunks[:i + 1]`` (an imatrix is a running sum, so each is a snapshot).
@@ -159,6 +158,14 @@ def build_imatrix_prefixes_task(model_path: str, chunks: list, out_paths: list, 
                     collector.add_chunk(chunk)
                     collector.imatrix.save(out)
     return {"paths": [str(o) for o in outs], "node_id": _node_id()}
+
+
+# The same work as Ray tasks, for CPU work pinned to a node group (``cluster.task_resources``).
+build_candidate_task = ray.remote(num_cpus=1, max_retries=2)(build_candidate_here)
+build_imatrix_task = ray.remote(num_cpus=1, max_retries=2)(build_imatrix_here)
+build_imatrix_prefixes_task = ray.remote(num_cpus=1, max_retries=2)(build_imatrix_prefixes_here)
+_TASK_OF = {build_candidate_here: build_candidate_task, build_imatrix_here: build_imatrix_task,
+            build_imatrix_prefixes_here: build_imatrix_prefixes_task}
 
 
 @ray.remote(num_cpus=0)
@@ -187,6 +194,27 @@ def task_options(cluster: ClusterConfig, name: str) -> dict:
     if cluster.task_resources:
         opts["resources"] = dict(cluster.task_resources)
     return opts
+
+
+def runs_in_trial(cluster: ClusterConfig) -> bool:
+    """Whether a trial does its CPU work (quantize, imatrix) in its own process.
+
+    It does when the work would borrow the trial's CPU (``cluster.task_cpus = 0``, the default)
+    and is not pinned to a node group (no ``cluster.task_resources``): as a task it would then
+    run on the trial's CPU all the same, only in another worker process -- and Ray keeps no more
+    idle workers than a node has CPUs, so with every CPU held by a trial each task started a
+    fresh process and paid its imports (~2.5 s per candidate on 2 cores, several times the
+    quantization of a small model). With ``task_resources`` or ``task_cpus`` set it stays a task.
+    """
+    return not cluster.task_resources and not cluster.task_cpus
+
+
+def run_cpu_work(cluster: ClusterConfig, name: str, work, *args, **kwargs):
+    """``work(*args, **kwargs)`` for a trial (one of this module's ``*_here`` functions): in the
+    trial's process (:func:`runs_in_trial`), or as its Ray task named ``name``."""
+    if runs_in_trial(cluster):
+        return work(*args, **kwargs)
+    return ray.get(_TASK_OF[work].options(**task_options(cluster, name)).remote(*args, **kwargs))
 
 
 def fetch_to_local(path: str, node_id: str) -> str:

@@ -1,9 +1,9 @@
 """Ray Tune trials: a search's trial config -> candidate -> chunk-by-chunk evaluation -> reports.
 
 A trial is a plain function (Tune's function API). What to build comes from the search object
-(``ctx.search.plan(config)``, see :mod:`ggufopt_ray.searches`); the candidate is built by a CPU
-task (cached by model fingerprint + recipe + imatrix hash, so identical candidates are never built
-twice) and evaluated by the same chunk loop as ``ggufopt bench``
+(``ctx.search.plan(config)``, see :mod:`ggufopt_ray.searches`); the candidate is built in the trial, or
+by a CPU task when that work is pinned to a node group (cached by model fingerprint + recipe +
+imatrix hash, so identical candidates are never built twice) and evaluated by the same chunk loop as ``ggufopt bench``
 (:func:`ggufopt_ray.evaluation.evaluate_candidate`) against the baseline payloads it reads
 zero-copy from the object store. Running statistics are reported after every chunk, so a
 scheduler or the statistical stopping rule can end it; every evaluated chunk is committed to a
@@ -27,8 +27,8 @@ from ggufopt_ray.calibration import combine_parts, mix_file_label, mix_label, mi
 from ggufopt_ray.candidates import Candidate, Recipe
 from ggufopt_ray.config import ClusterConfig, MetricsConfig
 from ggufopt_ray.distributed.race import board_entries
-from ggufopt_ray.distributed.tasks import (build_candidate_task, build_imatrix_prefixes_task, build_imatrix_task,
-                                           fetch_to_local, on_this_node, task_options)
+from ggufopt_ray.distributed.tasks import (build_candidate_here, build_imatrix_here, build_imatrix_prefixes_here,
+                                           fetch_to_local, on_this_node, run_cpu_work)
 from ggufopt_ray.engine import LogitsEngine, RuntimeSettings
 from ggufopt_ray.engine.imatrix import load_imatrix
 from ggufopt_ray.errors import UserError
@@ -90,20 +90,18 @@ def _imatrix_path(ctx: TrialContext, n_chunks: int, part: str = "") -> str:
 
 def _collect(ctx: TrialContext, chunks: list, path: str, name: str) -> str:
     """Collect (or find in the cache) the imatrix of ``chunks`` on a CPU task; its local path."""
-    im = ray.get(build_imatrix_task.options(**task_options(ctx.cluster, name)).remote(
-        ctx.base_model, chunks, path, ctx.settings.n_ctx, 1))
+    im = run_cpu_work(ctx.cluster, name, build_imatrix_here, ctx.base_model, chunks, path, ctx.settings.n_ctx, 1)
     return fetch_to_local(im["path"], im["node_id"])
 
 
 def _language_prefix(ctx: TrialContext, lang: str, n: int) -> str:
     """The local path of the imatrix of ``lang``'s first ``n`` calibration chunks. Every prefix of
     the language is collected in one pass the first time any is asked for (see
-    :func:`~ggufopt_ray.distributed.tasks.build_imatrix_prefixes_task`), and cached."""
+    :func:`~ggufopt_ray.distributed.tasks.build_imatrix_prefixes_here`), and cached."""
     chunks = [c for c, label in zip(ctx.calib_tokens, ctx.calib_langs) if label == lang]
     stem = "lang-" + mix_file_label([(lang, 1.0)])
-    out = ray.get(build_imatrix_prefixes_task.options(**task_options(ctx.cluster, f"imatrix-{lang}")).remote(
-        ctx.base_model, chunks, [_imatrix_path(ctx, j, stem) for j in range(1, len(chunks) + 1)],
-        ctx.settings.n_ctx, 1))
+    out = run_cpu_work(ctx.cluster, f"imatrix-{lang}", build_imatrix_prefixes_here, ctx.base_model, chunks,
+                       [_imatrix_path(ctx, j, stem) for j in range(1, len(chunks) + 1)], ctx.settings.n_ctx, 1)
     return fetch_to_local(out["paths"][n - 1], out["node_id"])
 
 
@@ -133,12 +131,13 @@ def prepare_imatrix(recipe: Recipe, ctx: TrialContext) -> str | None:
 
 
 def prepare_candidate(recipe: Recipe, ctx: TrialContext) -> Candidate:
-    """Build (or fetch from the cache) the candidate file on a CPU task, local to this trial."""
+    """Build (or fetch from the cache) the candidate file (in this trial or on a CPU task, see
+    :func:`~ggufopt_ray.distributed.tasks.runs_in_trial`), local to this trial."""
     im_path = prepare_imatrix(recipe, ctx)
-    cand = ray.get(build_candidate_task.options(**task_options(ctx.cluster, f"build-{recipe.label()}")).remote(
-        recipe, ctx.base_model, ctx.cache_dir, ctx.model_fp, im_path, 1,
-        # the imatrix is on this (the trial's) node; a build task on another node fetches it
-        imatrix_node_id=ray.get_runtime_context().get_node_id() if im_path else None))
+    cand = run_cpu_work(ctx.cluster, f"build-{recipe.label()}", build_candidate_here, recipe, ctx.base_model,
+                        ctx.cache_dir, ctx.model_fp, im_path, 1,
+                        # the imatrix is on this (the trial's) node; a build task on another node fetches it
+                        imatrix_node_id=ray.get_runtime_context().get_node_id() if im_path else None)
     cand.path = fetch_to_local(cand.path, cand.node_id)
     return cand
 

@@ -102,7 +102,7 @@ from functools import lru_cache
 import numpy as np
 
 from ggufopt_ray.errors import UserError
-from ggufopt_ray.metrics.stats import STATISTICS, kld_arrays, statistic_of
+from ggufopt_ray.metrics.stats import STATISTICS, kld_arrays, statistic_of, t_quantile
 from ggufopt_ray.metrics.stopping import TARGET_ALIASES, StoppingRule, decide
 
 CONTROLS = ("auto", "twoway", "reference", "entropy", "none")
@@ -113,9 +113,7 @@ _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0  # offsets r * 0.618.. mod 1 spread evenl
 @lru_cache(maxsize=4096)
 def _t_upper(p: float, df: int) -> float:
     """The (1 - p) quantile of Student's t (cached: racing asks for the same few many times)."""
-    from scipy.stats import t as student_t
-
-    return float(student_t.isf(p, df))
+    return -t_quantile(p, df)
 
 
 @dataclass(frozen=True)

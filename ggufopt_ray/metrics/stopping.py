@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from ggufopt_ray.errors import UserError
-from ggufopt_ray.metrics.stats import STATISTICS, kld_arrays, bootstrap_interval, statistic_of
+from ggufopt_ray.metrics.stats import STATISTICS, bootstrap_interval, kld_arrays, statistic_of, t_quantile
 
 TARGET_ALIASES = {"score": "composite", "p999": "p99.9", "p50": "median"}
 
@@ -151,9 +151,7 @@ def t_interval_mean(chunks: Sequence, confidence: float = 0.95) -> Interval:
     if c < 2:
         return Interval(mean, math.nan, math.nan, c, "t")
     se = math.sqrt(c / (c - 1) * ((s - mean * n) ** 2).sum()) / n.sum()
-    from scipy.stats import t as student_t
-
-    tq = float(student_t.ppf(0.5 + confidence / 2, c - 1))
+    tq = t_quantile(0.5 + confidence / 2, c - 1)
     if mean > 0:
         h = tq * se / mean
         return Interval(mean, mean * math.exp(-h), mean * math.exp(h), c, "t")
