@@ -98,7 +98,7 @@ class ClusterConfig:
     worker_gpus: float = 0.0
     worker_resources: dict[str, float] = field(default_factory=dict)  # e.g. {gpu_node: 0.01}
     task_resources: dict[str, float] = field(default_factory=dict)  # e.g. {cpu_node: 0.01}
-    task_cpus: float = 0.0  # CPUs a quantize/imatrix task asks for (0: borrow the waiting trial's)
+    task_cpus: float = 0.0  # CPUs of a quantize/imatrix task (0: the trial does it, unless task_resources)
     trial_cpus: Optional[float] = None  # CPUs per trial (its llama.cpp threads); null: CPUs / trials, at least 1
     max_concurrent_trials: Optional[int] = None
     max_failures: int = 2
