@@ -171,6 +171,7 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
     import ray
 
     from ggufopt_ray.distributed.baseline import run_baseline
+    from ggufopt_ray.distributed.cpu_share import CpuShareUpdater, start_cpu_share
     from ggufopt_ray.distributed.progress import ProgressLine
     from ggufopt_ray.distributed.race import final_estimates, start_board
     from ggufopt_ray.distributed.runtime import start_ray
@@ -213,6 +214,10 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
     # Trials use the CPUs the sweep has: a timing trial all of them (one at a time, undisturbed),
     # a quality trial its share when there are fewer trials than CPUs.
     trial_cpus = cfg.cluster.trial_cpus or (cpus if speed else max(1, cpus // max(1, min(search.n_trials(), cpus))))
+    # ... and the last ones the CPUs the finished ones left (distributed/cpu_share.py), when the
+    # cluster is ours and the user fixed no thread count.
+    share_cpus = (cfg.cluster.mode == "local" and not speed and cfg.cluster.trial_cpus is None
+                  and cfg.model.n_threads is None and trial_cpus < cpus)
     cfg = replace(cfg, cluster=replace(cfg.cluster, trial_cpus=float(trial_cpus)))
 
     ray_info = start_ray(cfg.cluster, verbose=cfg.verbose)
@@ -279,21 +284,28 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
                        trial_cpus=cfg.cluster.trial_cpus, events_path=str(output_dir / "events.jsonl"))
     racing = (racing_config(cfg.metrics, len(ev), search.n_trials())
               if search.trial_kind == "quality" and search.races() else None)
+    run_tag = uuid.uuid4().hex[:6]
     if racing is not None:
-        ctx.racing, ctx.board = racing, start_board(output_dir, uuid.uuid4().hex[:6])
+        ctx.racing, ctx.board = racing, start_board(output_dir, run_tag)
+    if share_cpus:
+        ctx.cpu_share = start_cpu_share(cpus, int(trial_cpus), run_tag)
+
+    def callbacks(n_trials: int) -> list:
+        extra = [CpuShareUpdater(ctx.cpu_share, n_trials)] if ctx.cpu_share is not None else []
+        return [ProgressLine(n_trials, len(ev)), *extra]
     from ray import tune
 
     trainable = tune.with_parameters(TRIALS[search.trial_kind], ctx=ctx)
     t_trials = time.perf_counter()
     outcome = run_trials(trainable, search=search, cluster=cfg.cluster, storage_path=output_dir / "ray_results",
                          n_chunks=len(ev), min_chunks=cfg.metrics.min_chunks,
-                         callbacks=[ProgressLine(search.n_trials(), len(ev))], resume=resume)
+                         callbacks=callbacks(search.n_trials()), resume=resume)
 
     def run_round(configs: list[dict], name: str) -> list[dict]:
         """A later round of the search: its configs as trials, added to the sweep's results."""
         more = run_trials(trainable, search=search, cluster=cfg.cluster, storage_path=output_dir / "ray_results",
                           n_chunks=len(ev), min_chunks=cfg.metrics.min_chunks, configs=configs, name=name,
-                          callbacks=[ProgressLine(len(configs), len(ev))], resume=resume)
+                          callbacks=callbacks(len(configs)), resume=resume)
         outcome.rows.extend(more.rows)
         outcome.history.extend(more.history)
         outcome.errors.extend(more.errors)
@@ -304,6 +316,8 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
     if racing is not None:
         apply_final_estimates(outcome.rows, final_estimates(ray.get(ctx.board.snapshot.remote()), racing))
         ray.kill(ctx.board)
+    if ctx.cpu_share is not None:
+        ray.kill(ctx.cpu_share)
     provenance = {"model": str(model_path), "model_fingerprint": model_fp,
                   "vocab_fingerprint": info.vocab_fingerprint, "corpus_fingerprint": ev.fingerprint,
                   "dataset_fingerprint": ev.dataset_fingerprint, "baseline_id": store.baseline_id,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -57,6 +59,21 @@ def test_same_chunk_same_logits(engine):
     engine.logits(_chunks(engine, 128, 1)[0])  # something else in between
     again = engine.logits(chunk)
     np.testing.assert_array_equal(first, again)
+
+
+def test_changing_threads_keeps_the_numbers(tiny_model):
+    """A trial that gets a spare CPU mid-run (distributed/cpu_share.py) switches threads between
+    chunks; its logits must be the ones a fresh engine with that many threads gives."""
+    settings = RuntimeSettings(n_ctx=128, n_batch=128, n_ubatch=128, n_threads=1)
+    with LogitsEngine(tiny_model, settings) as one, LogitsEngine(tiny_model, replace(settings, n_threads=2)) as two:
+        chunk = _chunks(one, 128, 1)[0]
+        before = one.logits(chunk, first=64).copy()
+        one.set_threads(2)
+        assert one.n_threads == 2
+        np.testing.assert_array_equal(one.logits(chunk, first=64), two.logits(chunk, first=64))
+        np.testing.assert_array_equal(one.logits(chunk, first=64), before)
+        with pytest.raises(UserError, match="n_threads must be positive"):
+            one.set_threads(0)
 
 
 def test_shorter_chunk_than_context(engine):

@@ -65,6 +65,7 @@ class TrialContext:
     langs: list = field(default_factory=list)  # language (or source) of each evaluation chunk
     racing: RacingConfig | None = None  # the racing rule (None: the plain stopping rule, or none)
     board: object = None  # the sweep's RaceBoard actor when racing
+    cpu_share: object = None  # the sweep's CpuShare actor when the last trials may take spare CPUs
 
     def trial_settings(self) -> RuntimeSettings:
         return replace(self.settings, n_threads=max(1, int(self.trial_cpus)))
@@ -189,6 +190,22 @@ def _evaluate(plan, base_row: dict, ctx: TrialContext, t_start: float) -> None:
     if (ctx.metrics.per_language or ctx.search.stops_per_language()) and len(set(ctx.langs)) > 1:
         stop_rule = every_language(stop_rule, ctx.metrics, langs)
 
+    engines: list = []  # the candidate's engine once the chunk loop has opened it
+    threads = [ctx.trial_settings().resolved_threads()]  # most threads any chunk ran on
+    trial_id = tune.get_context().get_trial_id() if ctx.cpu_share is not None else None
+
+    def open_engine() -> LogitsEngine:
+        engines.append(LogitsEngine(cand.path, ctx.trial_settings()))
+        return engines[-1]
+
+    def take_spare_cpus() -> None:
+        """Before the next chunk: the threads the sweep gives this trial now (more once no trial
+        is waiting for a CPU; distributed/cpu_share.py)."""
+        if ctx.cpu_share is not None and engines:
+            n = ray.get(ctx.cpu_share.threads_for.remote(trial_id))
+            engines[-1].set_threads(n)
+            threads[0] = max(threads[0], n)
+
     def payload_of(i: int) -> dict:
         fetched[0] += 1
         return ray.get(ctx.baseline_refs[i][0])
@@ -209,7 +226,7 @@ def _evaluate(plan, base_row: dict, ctx: TrialContext, t_start: float) -> None:
                "baseline_chunks_from_object_store": fetched[0], "chunks_computed": run.computed,
                "candidate_path": cand.path, "build_node_id": cand.node_id, "results_store": str(store.root),
                "eval_seconds": time.perf_counter() - t_built, "trial_seconds": time.perf_counter() - t_start,
-               "eval_tokens_per_s": run.tokens_per_s,
+               "eval_tokens_per_s": run.tokens_per_s, "eval_threads": threads[0],
                "stop_reason": run.reason if run.done else "running", "done_eval": run.done,
                "objective": ctx.search.objective({**summary, **lang_fields}, cand.bits_per_weight)}
         row.update({k: v for k, v in cand.extra.items() if isinstance(v, (int, float))})
@@ -217,10 +234,11 @@ def _evaluate(plan, base_row: dict, ctx: TrialContext, t_start: float) -> None:
             row.update(race.row_fields())
         row.update(lang_fields)
         tune.report(row)
+        if not run.done:
+            take_spare_cpus()
 
-    run = evaluate_candidate(len(ctx.tokens), lambda i: ctx.tokens[i], payload_of, store,
-                             lambda: LogitsEngine(cand.path, ctx.trial_settings()), ctx.encoding, ctx.first,
-                             stop_rule=stop_rule, on_chunk=report, order=order)
+    run = evaluate_candidate(len(ctx.tokens), lambda i: ctx.tokens[i], payload_of, store, open_engine,
+                             ctx.encoding, ctx.first, stop_rule=stop_rule, on_chunk=report, order=order)
     log_event(ctx, "trial_done", label=plan.label, chunks=len(run.per_chunk), computed=run.computed)
 
 

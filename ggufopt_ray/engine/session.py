@@ -132,6 +132,19 @@ class ModelSession:
         ptr = self._lib.llama_get_logits(self._ctx)
         return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(m, self.n_vocab))
 
+    def set_threads(self, n_threads: int) -> None:
+        """Decode (and run the KLD step, which reads ``n_threads``) on ``n_threads`` CPU threads
+        from the next call on. Results do not depend on it: ggml gives each output row to one
+        thread, so the numbers are the same bit for bit (tests/test_engine.py checks)."""
+        n = int(n_threads)
+        if n < 1:
+            raise UserError(f"n_threads must be positive, not {n}")
+        if self._ctx is None:
+            raise RuntimeError("engine is closed")
+        if n != self.n_threads:
+            self._lib.llama_set_n_threads(self._ctx, n, n)
+            self.n_threads = n
+
     def close(self) -> None:
         lib = getattr(self, "_lib", None)
         if lib is None:
