@@ -1,13 +1,14 @@
 """Ray Tune trials: a search's trial config -> candidate -> chunk-by-chunk evaluation -> reports.
 
 A trial is a plain function (Tune's function API). What to build comes from the search object
-(``ctx.search.plan(config)``, see :mod:`ggufopt_ray.searches`); the candidate is built in the trial, or
-by a CPU task when that work is pinned to a node group (cached by model fingerprint + recipe +
-imatrix hash, so identical candidates are never built twice) and evaluated by the same chunk loop as ``ggufopt bench``
-(:func:`ggufopt_ray.evaluation.evaluate_candidate`) against the baseline payloads it reads
-zero-copy from the object store. Running statistics are reported after every chunk, so a
-scheduler or the statistical stopping rule can end it; every evaluated chunk is committed to a
-per-candidate results store, so a retried or resumed trial continues where it stopped.
+(``ctx.search.plan(config)``, see :mod:`ggufopt_ray.searches`); the candidate is built in the
+trial, or by a CPU task when that work is pinned to a node group (cached by model fingerprint +
+recipe + imatrix hash, so identical candidates are never built twice) and evaluated by the same
+chunk loop as ``ggufopt bench`` (:func:`ggufopt_ray.evaluation.evaluate_candidate`) against the
+baseline payloads it reads zero-copy from the object store. Running statistics are reported after
+every chunk, so a scheduler or the statistical stopping rule can end it; every evaluated chunk is
+committed to a per-candidate results store, so a retried or resumed trial continues where it
+stopped.
 """
 
 from __future__ import annotations
