@@ -253,7 +253,7 @@ def our_sweep(model: Path, text: Path, types: list[str], n_ctx: int, n_chunks: i
 
     def log(*a):  # the sweep's progress lines, timed: where the seconds before the trials go
         word = str(a[0]).split()[0] if a else ""
-        marks.setdefault(word, time.perf_counter())
+        marks[word] = time.perf_counter()  # the last line of each kind (baseline: its summary)
 
     saved = sweep.prepare_data
     sweep.prepare_data, runtime.start_ray = prepare_llama_perplexity_chunks, timed_start_ray

@@ -172,7 +172,7 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
 
     from ggufopt_ray.distributed.baseline import run_baseline
     from ggufopt_ray.distributed.cpu_share import CpuShareUpdater, start_cpu_share
-    from ggufopt_ray.distributed.progress import ProgressLine
+    from ggufopt_ray.distributed.progress import ChunkProgress, ProgressLine
     from ggufopt_ray.distributed.race import final_estimates, start_board
     from ggufopt_ray.distributed.runtime import start_ray
     from ggufopt_ray.distributed.trials import TRIALS, TrialContext
@@ -264,7 +264,7 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
         # Two sweeps sharing a cache: the second waits for the first's baseline, then loads it.
         with file_lock(store.root, on_wait=lambda lock: log(f"baseline waiting for another sweep's pass ({lock})")):
             base = run_baseline(store, ev.chunks, str(model_path), settings, cfg.metrics.encoding, first,
-                                cfg.cluster, log=log)
+                                cfg.cluster, log=log, progress=ChunkProgress("baseline", log))
         refs = base.refs
         baseline_meta.update(computed=base.computed, loaded=base.loaded, seconds=round(base.seconds, 3),
                              worker_nodes=base.worker_nodes)

@@ -95,7 +95,7 @@ def run_baseline(store, chunks: list[np.ndarray], model_path: str, settings: Run
 
     Chunks already committed in the store are loaded and put; the missing ones are sharded over
     ``cluster.logits_workers`` actors. Results are committed as they arrive, so an interrupted
-    stage resumes where it stopped.
+    stage resumes where it stopped; ``progress(done, total)`` hears of each committed one.
     """
     t0 = time.perf_counter()
     refs: list = [None] * len(chunks)
@@ -132,7 +132,7 @@ def run_baseline(store, chunks: list[np.ndarray], model_path: str, settings: Run
                     store.write_payload(i, chunks[i], ray.get(ref))
                     refs[i] = [ref]
                     if progress is not None:
-                        progress(i)
+                        progress(len(missing) - len(pending), len(missing))
         finally:
             # Freed even when a chunk fails, so a retry in the same cluster gets its CPUs back.
             for w in workers:

@@ -1,4 +1,9 @@
-"""A one-line live progress display for the driver: trials done/running/stopped, chunks, ETA."""
+"""Progress of a sweep's long stages, on a terminal and in logs.
+
+``ProgressLine``: one live line for the trials (done/running/stopped, chunks, ETA) rewritten on a
+terminal; where stderr is not a terminal (a log file, a batch job) one line per finished trial
+instead. ``ChunkProgress``: "baseline 12/32 chunks ..." lines at most every few seconds.
+"""
 
 from __future__ import annotations
 
@@ -69,12 +74,43 @@ class ProgressLine(Callback):
         last = trial.last_result or {}
         if last.get("stop_reason") not in (None, "all_chunks", "running"):
             self.early += 1
+        self._log_trial(trial, f"{last.get('chunks', '?')} chunks, {last.get('stop_reason') or 'done'}")
         self._render()
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)
         self.errored += 1
+        self._log_trial(trial, "failed")
         self._render()
+
+    def _log_trial(self, trial, what: str) -> None:
+        """Off a terminal the live line is not drawn: each finished trial gets a line of its own."""
+        if self.tty:
+            return
+        label = (trial.last_result or {}).get("label") or trial.trial_id
+        total = f"/{self.total}" if self.total else ""
+        elapsed = time.monotonic() - self.started
+        self.stream.write(f"trial    {label}: {what} ({self.done + self.errored}{total} finished, "
+                          f"{elapsed:.0f} s)\n")
+        self.stream.flush()
 
     def on_experiment_end(self, trials, **info):
         self._render(final=True)
+
+
+class ChunkProgress:
+    """``"<what> 12/32 chunks, 8 s, ETA 14 s"`` through ``log``, at most every ``every_s`` seconds
+    and at the last chunk: a pass of many minutes shows where it is in a log file too."""
+
+    def __init__(self, what: str, log, every_s: float = 10.0, clock=time.monotonic):
+        self.what, self.log, self.every_s, self.clock = what, log, float(every_s), clock
+        self.started = self.last = clock()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = self.clock()
+        if done < total and now - self.last < self.every_s:
+            return
+        self.last = now
+        elapsed = now - self.started
+        eta = f", ETA {elapsed / done * (total - done):.0f} s" if 0 < done < total else ""
+        self.log(f"{self.what} {done}/{total} chunks, {elapsed:.0f} s{eta}")
