@@ -297,16 +297,16 @@ def test_killed_baseline_worker_is_restarted_and_the_payloads_are_unchanged(ray_
     old = set(_logits_worker_pids())  # the first pass's workers may still be dying
     killed: dict = {}
 
-    def kill_one_worker(index: int) -> None:
-        # run_baseline calls this after committing a chunk; on the first call the other chunks are
-        # still queued or running on the two workers.
+    def kill_one_worker(done: int, total: int) -> None:
+        # run_baseline calls this after committing a chunk (``done`` of ``total``); on the first
+        # call the other chunks are still queued or running on the two workers.
         if killed:
             return
         ours = {pid: cmd for pid, cmd in _logits_worker_pids().items() if pid not in old}
         busy = [pid for pid, cmd in ours.items() if b".baseline" in cmd]
         assert ours, "no LogitsWorker process of this pass was found"
         pid = (busy or sorted(ours))[0]
-        killed.update(pid=pid, busy=bool(busy), committed=len(store.dir.committed()), first_chunk=index)
+        killed.update(pid=pid, busy=bool(busy), committed=len(store.dir.committed()), done=done)
         os.kill(pid, signal.SIGKILL)
 
     box: dict = {}
