@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -55,6 +56,13 @@ def kernel_cache(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def broad_logits(rng, n, v):
+    """Zipf-like ranks plus noise, shuffled: broad next-token distributions like a trained LM's
+    (float32 ``[n, v]``), the hard case for the compiled kernels."""
+    z = -1.15 * np.log(np.arange(1, v + 1))[None, :] + rng.standard_normal((n, v))
+    return np.take_along_axis(z, rng.permuted(np.tile(np.arange(v), (n, 1)), axis=1), axis=1).astype(np.float32) + 3
 
 
 def small_sweep_config(cache_dir, **search):

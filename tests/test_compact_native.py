@@ -12,6 +12,7 @@ import logging
 import numpy as np
 import pytest
 
+from conftest import broad_logits
 from ggufopt_ray.engine import kld_native
 from ggufopt_ray.errors import UserError
 from ggufopt_ray.metrics.encodings import CompactEncoding, compact_encoder, get_encoding
@@ -26,11 +27,6 @@ def native(kernel_cache):
         pytest.skip(f"compiled compact encoder unavailable: {kld_native._entry('compact')[1]}")
     yield enc
 
-
-def broad_logits(rng, n, v):
-    """Zipf-like ranks plus noise, shuffled: broad next-token distributions like a trained LM's."""
-    z = -1.15 * np.log(np.arange(1, v + 1))[None, :] + rng.standard_normal((n, v))
-    return np.take_along_axis(z, rng.permuted(np.tile(np.arange(v), (n, 1)), axis=1), axis=1).astype(np.float32) + 3
 
 
 def rows(kind: str, n: int, v: int, seed: int = 0) -> np.ndarray:

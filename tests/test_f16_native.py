@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from scipy.special import log_softmax as log_softmax64
 
+from conftest import broad_logits
 from ggufopt_ray.engine import f16_native, kld_native
 from ggufopt_ray.metrics.encodings import float16_encoder, get_encoding
 from ggufopt_ray.metrics.kld import log_softmax
@@ -34,10 +35,6 @@ def numpy_kernels(monkeypatch):
         monkeypatch.setenv(kld_native.ENV_KERNEL, "numpy")
     return use_numpy
 
-
-def broad_logits(rng, n, v):
-    z = -1.15 * np.log(np.arange(1, v + 1))[None, :] + rng.standard_normal((n, v))
-    return np.take_along_axis(z, rng.permuted(np.tile(np.arange(v), (n, 1)), axis=1), axis=1).astype(np.float32) + 3
 
 
 def logit_rows(kind: str, n: int, v: int, seed: int = 0) -> np.ndarray:

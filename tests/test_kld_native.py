@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import broad_logits
 from ggufopt_ray.engine import kld_native
 from ggufopt_ray.errors import UserError
 from ggufopt_ray.metrics.encodings import get_encoding
@@ -52,11 +53,6 @@ def reference(base, cand, ref=None):
         out["delta_p"] = np.exp(lb[rows, ref]) - np.exp(la[rows, ref])
     return out
 
-
-def broad_logits(rng, n, v):
-    """Zipf-like ranks plus noise, shuffled: broad next-token distributions like a trained LM's."""
-    z = -1.15 * np.log(np.arange(1, v + 1))[None, :] + rng.standard_normal((n, v))
-    return np.take_along_axis(z, rng.permuted(np.tile(np.arange(v), (n, 1)), axis=1), axis=1).astype(np.float32) + 3
 
 
 def make(n, v, noise, seed=0, scale=3.0, kind="normal"):
