@@ -3,9 +3,9 @@
 The work runs in the trial's own process unless the config pins it to a node group
 (``cluster.task_resources``, e.g. ``{cpu_node: 0.01}``) or gives it CPUs of its own
 (``cluster.task_cpus``); then it runs as a Ray task, which carries a readable name in the
-dashboard (:func:`run_cpu_work`). Files are written to the
-cache directory; when a consumer runs on a node that does not share that directory, it pulls the
-bytes from the producing node through the object store (``fetch_to_local``).
+dashboard (:func:`run_cpu_work`). Files are written to the cache directory; when a consumer runs
+on a node that does not share that directory, it pulls the bytes from the producing node through
+the object store (``fetch_to_local``).
 
 Cache files (candidates, importance matrices) live at ``ROOT/<kind>/<model fingerprint>/<name>``.
 ``ROOT`` is the sweep's ``cache_dir`` (a path computed on the driver), unless the node was started
