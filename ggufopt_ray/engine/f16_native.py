@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from ggufopt_ray.engine import kld_native
-from ggufopt_ray.metrics.kld import rows_per_block, run_row_blocks
+from ggufopt_ray.metrics.kld import rows_per_block
+from ggufopt_ray.metrics.row_blocks import run_row_blocks
 
 SOURCE = Path(__file__).with_name("f16_kernel.c")
 ABI = 1

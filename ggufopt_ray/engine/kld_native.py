@@ -283,7 +283,8 @@ def _rows_ok(x, dtypes) -> bool:
 def compare(load_base, b_all, ref, base_top, out, *, threads: int, block_elements: int) -> None:
     """Fill ``out`` (kld, same_top, and with ``ref`` delta_p / nll_base / nll_cand) for all rows,
     as ``metrics.kld.compare_rows``' numpy kernel does; arguments already checked by it."""
-    from ggufopt_ray.metrics.kld import rows_per_block, run_row_blocks
+    from ggufopt_ray.metrics.kld import rows_per_block
+    from ggufopt_ray.metrics.row_blocks import run_row_blocks
 
     lib = library()
     n, v = b_all.shape

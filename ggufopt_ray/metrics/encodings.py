@@ -66,7 +66,8 @@ import math
 import numpy as np
 
 from ggufopt_ray.metrics.kld import (BLOCK_ELEMENTS, TokenMetrics, _rowsum, array_loader, compare_rows,
-                                     kld_per_token, rows_per_block, run_row_blocks)
+                                     kld_per_token, rows_per_block)
+from ggufopt_ray.metrics.row_blocks import run_row_blocks
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -40,11 +40,12 @@ fallback, one pass per row; ``GGUFOPT_KLD_KERNEL=auto|native|numpy`` selects, se
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Callable
 
 import numpy as np
+
+from ggufopt_ray.metrics.row_blocks import check_threads, run_row_blocks
 
 # Elements per row block: a few float32 temporaries of this size stay in a 1-2 MiB L2 cache.
 BLOCK_ELEMENTS = 1 << 17
@@ -190,19 +191,6 @@ def _rows_float64(a: np.ndarray, b: np.ndarray):
     return kld, lse_a, lse_b
 
 
-def check_threads(threads) -> int:
-    """``threads`` as a positive int; anything else is the caller's mistake (a UserError)."""
-    from ggufopt_ray.errors import UserError
-
-    try:
-        value = int(threads)
-    except (TypeError, ValueError):
-        value = 0
-    if value < 1 or value != threads:
-        raise UserError(f"threads must be a positive whole number, got {threads!r}")
-    return value
-
-
 def rows_per_block(n_vocab: int, block_elements: int = BLOCK_ELEMENTS) -> int:
     """Rows processed together: ``block_elements // n_vocab``, at least one."""
     return max(1, int(block_elements) // max(int(n_vocab), 1))
@@ -343,22 +331,6 @@ def row_kernel():
 
 def _is_f32_rows(x) -> bool:
     return isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.c_contiguous
-
-
-def run_row_blocks(n: int, step: int, threads: int, work: Callable[[list], None]) -> None:
-    """Split rows 0..n into blocks of ``step`` rows and hand them round-robin to ``threads``
-    workers, each called once as ``work(list of (r0, r1))`` (so it can allocate its scratch once).
-
-    Workers write disjoint rows of shared outputs; numpy releases the GIL inside each operation,
-    so the threads run in parallel on blocks of a few hundred KiB or more.
-    """
-    blocks = [(r0, min(n, r0 + step)) for r0 in range(0, n, step)]
-    workers = min(check_threads(threads), len(blocks))
-    if workers <= 1:
-        work(blocks)
-        return
-    with ThreadPoolExecutor(workers, thread_name_prefix="kld") as pool:
-        list(pool.map(work, [blocks[w::workers] for w in range(workers)]))
 
 
 class _Scratch:
