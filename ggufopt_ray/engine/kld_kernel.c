@@ -118,18 +118,23 @@ typedef struct {
     __m256i xmax; /* the bit patterns' signed maximum: above EXP_HI's pattern means a - ka > EXP_HI */
 } part_sums;
 
-/* One vector of the pass: x = a entries, y = b entries. Vectors with a lane where |s| > 1 or s is
+/* One vector of the pass, in two steps: ROW_EXP takes x = a entries to sha = a - ka and ea =
+ * exp(sha); ROW_REST takes y = b entries and finishes. Vectors with a lane where |s| > 1 or s is
  * not finite are copied to the scratch (s, then ea) and those lanes left out of the sums here.
  * The comparisons and maxima that need not be float ones are integer ones on the bit patterns:
  * they run beside the FMA pipes. */
-#define ROW_VEC(X, Y, P)                                                                       \
+#define ROW_EXP(X, P, SHA, EA)                                                                 \
     do {                                                                                       \
-        __m256 y_ = (Y);                                                                       \
+        (SHA) = _mm256_sub_ps((X), vka);                                                       \
+        (P).xmax = _mm256_max_epi32((P).xmax, _mm256_castps_si256(SHA));                       \
+        (EA) = exp_nonpos_v(SHA);                                                              \
+    } while (0)
+
+#define ROW_REST(Y, SHA, EA, P)                                                                \
+    do {                                                                                       \
+        __m256 y_ = (Y), ea_ = (EA);                                                           \
         (P).bmax = _mm256_max_ps(y_, (P).bmax);                                                \
-        __m256 sha_ = _mm256_sub_ps((X), vka);                                                 \
-        (P).xmax = _mm256_max_epi32((P).xmax, _mm256_castps_si256(sha_));                      \
-        __m256 ea_ = exp_nonpos_v(sha_);                                                       \
-        __m256 s_ = _mm256_sub_ps(_mm256_sub_ps(_mm256_sub_ps(y_, vkb), sha_), vc);            \
+        __m256 s_ = _mm256_sub_ps(_mm256_sub_ps(_mm256_sub_ps(y_, vkb), (SHA)), vc);           \
         __m256 t_ = t_poly_v(s_);                                                              \
         __m256i big_ = _mm256_cmpgt_epi32(_mm256_castps_si256(_mm256_andnot_ps(sign, s_)), one_bits); \
         if (_mm256_movemask_epi8(big_)) {                                                      \
@@ -142,6 +147,13 @@ typedef struct {
         (P).sa = _mm256_add_ps((P).sa, ea_);                                                   \
         (P).y = _mm256_fmadd_ps(ea_, s_, (P).y);                                               \
         (P).z = _mm256_fmadd_ps(ea_, t_, (P).z);                                               \
+    } while (0)
+
+#define ROW_VEC(X, Y, P)                                                                       \
+    do {                                                                                       \
+        __m256 sha1_, ea1_;                                                                    \
+        ROW_EXP(X, P, sha1_, ea1_);                                                            \
+        ROW_REST(Y, sha1_, ea1_, P);                                                           \
     } while (0)
 
 /* the set-aside vectors' lanes with |s| > 1: y and z terms, t = (e^s - 1) - s */
@@ -176,6 +188,22 @@ static inline __attribute__((always_inline)) void row_pass_v(const void *a, cons
     while (i < full) {
         int64_t end = i + 8 * FLUSH < full ? i + 8 * FLUSH : full;
         p.sa = p.y = p.z = zero;
+        if (end - i == 8 * FLUSH) {
+            /* a whole group: its exponentials first, then the rest. The same operations in the
+             * same order as one vector at a time (identical sums), but each of the two loops has
+             * a shorter dependency chain per vector, so the core overlaps more of them (measured
+             * ~3% faster, paired runs at V = 8,192 and 128,256) */
+            __m256 shb[FLUSH], eab[FLUSH];
+            for (int k = 0; k < FLUSH; k++) {
+                if (k % 2 == 0) _mm_prefetch((const char *)a + (i + 8 * k + PREFETCH) * (f16 ? 2 : 4), _MM_HINT_T0);
+                ROW_EXP(load8_a(a, f16, i + 8 * k), p, shb[k], eab[k]);
+            }
+            for (int k = 0; k < FLUSH; k++) {
+                _mm_prefetch((const char *)(b + i + 8 * k + PREFETCH), _MM_HINT_T0);
+                ROW_REST(_mm256_loadu_ps(b + i + 8 * k), shb[k], eab[k], p);
+            }
+            i = end;
+        }
         for (; i < end; i += 8) {
             /* rows come from memory: asking for them a few KiB ahead (also past the end of the
              * row, into the next one; a prefetch never faults) measured 10-20% faster */
