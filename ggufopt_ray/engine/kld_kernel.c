@@ -65,7 +65,7 @@ static inline __m256 exp_nonpos_v(__m256 x) {
 }
 #endif
 
-#define GGK_ABI 3
+#define GGK_ABI 4
 
 /* t(s) = expm1(s) - s = s^2 Q(s) on |s| <= 1, Q of degree 7 fitted for minimal relative error
  * (~5e-9; the Taylor series s^k / (k + 2)! needs degree 9 for that) */
@@ -381,6 +381,30 @@ int64_t ggk_kld_rows(int64_t n, int64_t v, const void *a, int64_t a_stride, int 
                     kld + r, same_top + r, delta_p + r, nll_base + r, nll_cand + r);
         bad[r] = (uint8_t)k;
         n_bad += k;
+    }
+    return n_bad;
+}
+
+/* ggk_kld_rows for one of several threads that share rows 0..n: each takes the next `step` rows
+ * from the shared counter *next (atomically) until none are left, so a thread that is ahead takes
+ * more, and the caller pays one foreign call per thread instead of one per block (a Python-level
+ * call per block held the GIL long enough to stall the other thread: ~8% at 2 threads). Row r
+ * of every array is where ggk_kld_rows expects it; the same outputs as one ggk_kld_rows call. */
+int64_t ggk_kld_rows_shared(int64_t n, int64_t v, const void *a, int64_t a_stride, int a_f16, const float *b,
+                            int64_t b_stride, const int64_t *base_top, const int64_t *ref, float *kld,
+                            float *same_top, float *delta_p, float *nll_base, float *nll_cand, uint8_t *bad,
+                            float *scratch, int64_t *next, int64_t step) {
+    int64_t n_bad = 0;
+    size_t esz = a_f16 ? 2 : 4;
+    if (step < 1) step = 1;
+    for (;;) {
+        int64_t r0 = __atomic_fetch_add(next, step, __ATOMIC_RELAXED);
+        if (r0 >= n) break;
+        int64_t k = n - r0 < step ? n - r0 : step;
+        n_bad += ggk_kld_rows(k, v, (const char *)a + (size_t)r0 * (size_t)a_stride * esz, a_stride, a_f16,
+                              b + r0 * b_stride, b_stride, base_top ? base_top + r0 : NULL, ref ? ref + r0 : NULL,
+                              kld + r0, same_top + r0, delta_p + r0, nll_base + r0, nll_cand + r0, bad + r0,
+                              scratch);
     }
     return n_bad;
 }

@@ -35,12 +35,13 @@ from pathlib import Path
 import numpy as np
 
 from ggufopt_ray.errors import UserError
+from ggufopt_ray.metrics.row_blocks import check_threads, run_on_workers, run_row_blocks
 
 ENV_KERNEL = "GGUFOPT_KLD_KERNEL"
 ENV_CACHE = "GGUFOPT_KERNEL_CACHE"
 SOURCE = Path(__file__).with_name("kld_kernel.c")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=gnu11", "-fPIC", "-shared"]
-ABI = 3
+ABI = 4
 # The compact encoder (compact_kernel.c): a library of its own, because its float64 code must
 # round as numpy's elementwise operations do (no fused multiply-add), which the KLD kernel's
 # flags do not ask for.
@@ -52,6 +53,9 @@ HEADERS = [Path(__file__).with_name(name) for name in ("simd_exp.h", "simd_rows.
 # Rows per foreign call when the kernel reads the arrays directly (~2 MiB of float32 per call):
 # enough to make the call overhead negligible, few enough to share rows evenly among threads.
 DIRECT_BLOCK_ELEMENTS = 1 << 19
+# Rows a thread takes at a time from the shared counter inside the kernel (ggk_kld_rows_shared):
+# at least ~64 Ki entries, so the atomic increment is negligible; small, so threads finish together.
+SHARED_STEP_ELEMENTS = 1 << 16
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +152,8 @@ def _load(path: Path):
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.ggk_kld_rows.restype = i64
     lib.ggk_kld_rows.argtypes = [i64, i64, p, i64, ctypes.c_int, p, i64, p, p, p, p, p, p, p, p, p]
+    lib.ggk_kld_rows_shared.restype = i64
+    lib.ggk_kld_rows_shared.argtypes = [i64, i64, p, i64, ctypes.c_int, p, i64, p, p, p, p, p, p, p, p, p, p, i64]
     _self_test(lib)
     return lib
 
@@ -284,7 +290,6 @@ def compare(load_base, b_all, ref, base_top, out, *, threads: int, block_element
     """Fill ``out`` (kld, same_top, and with ``ref`` delta_p / nll_base / nll_cand) for all rows,
     as ``metrics.kld.compare_rows``' numpy kernel does; arguments already checked by it."""
     from ggufopt_ray.metrics.kld import rows_per_block
-    from ggufopt_ray.metrics.row_blocks import run_row_blocks
 
     lib = library()
     n, v = b_all.shape
@@ -300,34 +305,54 @@ def compare(load_base, b_all, ref, base_top, out, *, threads: int, block_element
     if not _rows_ok(direct_a, (np.float16, np.float32)):
         direct_a = None
     direct_b = _rows_ok(b_all, (np.float32,))
+    bad = np.zeros(n, np.uint8)
     if direct_a is not None and direct_b:
-        step = rows_per_block(v, max(block_elements, DIRECT_BLOCK_ELEMENTS))
+        # both sides readable in place: the threads take rows from a counter inside the kernel
+        _call_shared(lib, direct_a, b_all, ref, base_top, out, bad, min(check_threads(threads), n),
+                     max(1, SHARED_STEP_ELEMENTS // v))
     else:
         step = rows_per_block(v, block_elements)
-    bad = np.zeros(n, np.uint8)
 
-    def work(blocks) -> None:
-        rows = min(step, n)
-        scratch = _scratch(v)
-        abuf = np.empty((rows, v), np.float32) if direct_a is None else None
-        bbuf = None if direct_b else np.empty((rows, v), np.float32)
-        for r0, r1 in blocks:
-            if direct_a is not None:
-                a = direct_a[r0:r1]
-            else:
-                a = np.asarray(load_base(r0, r1, abuf[: r1 - r0]))
-                if not _rows_ok(a, (np.float16, np.float32)):
-                    a = np.ascontiguousarray(a, np.float32)
-            if direct_b:
-                b = b_all[r0:r1]
-            else:
-                b = bbuf[: r1 - r0]
-                np.copyto(b, np.asarray(b_all[r0:r1]), casting="unsafe")
-            _call(lib, a, b, ref, base_top, out, r0, r1, scratch, bad)
+        def work(blocks) -> None:
+            rows = min(step, n)
+            scratch = _scratch(v)
+            abuf = np.empty((rows, v), np.float32) if direct_a is None else None
+            bbuf = None if direct_b else np.empty((rows, v), np.float32)
+            for r0, r1 in blocks:
+                if direct_a is not None:
+                    a = direct_a[r0:r1]
+                else:
+                    a = np.asarray(load_base(r0, r1, abuf[: r1 - r0]))
+                    if not _rows_ok(a, (np.float16, np.float32)):
+                        a = np.ascontiguousarray(a, np.float32)
+                if direct_b:
+                    b = b_all[r0:r1]
+                else:
+                    b = bbuf[: r1 - r0]
+                    np.copyto(b, np.asarray(b_all[r0:r1]), casting="unsafe")
+                _call(lib, a, b, ref, base_top, out, r0, r1, scratch, bad)
 
-    run_row_blocks(n, step, threads, work)
+        run_row_blocks(n, step, threads, work)
     if bad.any():
         _redo_float64(np.flatnonzero(bad), load_base, direct_a, b_all, ref, out)
+
+
+def _call_shared(lib, a, b, ref, base_top, out, bad, workers: int, step: int) -> None:
+    """All rows of ``a`` and ``b`` (contiguous rows, read in place) on ``workers`` threads: each
+    makes one foreign call that takes ``step`` rows at a time from a shared counter until none
+    are left."""
+    n, v = b.shape
+    counter = np.zeros(1, np.int64)
+    args = (n, v, a.ctypes.data, a.strides[0] // a.itemsize, int(a.dtype == np.float16), b.ctypes.data,
+            b.strides[0] // 4, None if base_top is None else base_top.ctypes.data,
+            None if ref is None else ref.ctypes.data, out["kld"].ctypes.data, out["same_top"].ctypes.data,
+            out["delta_p"].ctypes.data, out["nll_base"].ctypes.data, out["nll_cand"].ctypes.data, bad.ctypes.data)
+
+    def one_worker() -> None:
+        scratch = _scratch(v)  # held here: the kernel writes into it during the call
+        lib.ggk_kld_rows_shared(*args, scratch.ctypes.data, counter.ctypes.data, step)
+
+    run_on_workers(workers, one_worker)
 
 
 def _redo_float64(rows: np.ndarray, load_base, direct_a, b_all, ref, out) -> None:

@@ -99,6 +99,32 @@ def _run(work, queue: BlockQueue) -> None:
         raise
 
 
+def run_on_workers(workers: int, fn: Callable[[], None]) -> None:
+    """Call ``fn()`` once on each of ``workers`` threads at the same time: the calling thread and
+    ``workers - 1`` of the shared pool (for kernels that share out their rows themselves). The
+    first error is raised once every call has returned. Inside a worker it is one call, here."""
+    if workers <= 1 or getattr(_local, "in_pool", False):
+        fn()
+        return
+    pool = _executor(workers - 1)
+    futures = [pool.submit(fn) for _ in range(workers - 1)]
+    errors = []
+    _local.in_pool = True  # the calling thread is the last worker: it is awake already
+    try:
+        fn()
+    except BaseException as e:  # noqa: BLE001 - re-raised below
+        errors.append(e)
+    finally:
+        _local.in_pool = False
+    for f in futures:  # wait for all before raising, so no worker still writes the outputs
+        try:
+            f.result()
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+    if errors:
+        raise errors[0]
+
+
 def run_row_blocks(n: int, step: int, threads: int, work: Callable[[Iterable[tuple[int, int]]], None]) -> None:
     """Split rows 0..n into blocks of ``step`` rows and run ``work`` once on each of up to
     ``threads`` workers, each called as ``work(blocks)`` with an iterable of ``(r0, r1)`` that the
@@ -112,24 +138,8 @@ def run_row_blocks(n: int, step: int, threads: int, work: Callable[[Iterable[tup
     """
     blocks = [(r0, min(n, r0 + step)) for r0 in range(0, n, step)]
     workers = min(check_threads(threads), len(blocks))
-    if workers <= 1 or getattr(_local, "in_pool", False):
+    if workers <= 1:
         work(blocks)
         return
     queue = BlockQueue(blocks)
-    pool = _executor(workers - 1)
-    futures = [pool.submit(_run, work, queue) for _ in range(workers - 1)]
-    errors = []
-    _local.in_pool = True  # the calling thread is the last worker: it is awake already
-    try:
-        _run(work, queue)
-    except BaseException as e:  # noqa: BLE001 - re-raised below
-        errors.append(e)
-    finally:
-        _local.in_pool = False
-    for f in futures:  # wait for all before raising, so no worker still writes the outputs
-        try:
-            f.result()
-        except BaseException as e:  # noqa: BLE001 - re-raised below
-            errors.append(e)
-    if errors:
-        raise errors[0]
+    run_on_workers(workers, lambda: _run(work, queue))
