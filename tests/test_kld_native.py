@@ -238,6 +238,30 @@ def test_thread_count_does_not_change_results(native, threads):
         np.testing.assert_array_equal(getattr(small_blocks, k), getattr(one, k))
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threads_sharing_rows_with_bad_ones_among_them(native, threads):
+    """Threads take rows from a counter inside the kernel, several rows at a time (15 at this V,
+    so 59 rows end in a partial take): every row is done once, bad rows wherever they fall are
+    redone in float64, and nothing depends on which thread took which rows."""
+    assert kld_native.SHARED_STEP_ELEMENTS // 4099 == 15
+    base, cand, ref = make(59, 4099, 0.3, seed=12)
+    base, cand = base.copy(), cand.copy()
+    cand[0, 5] = base[0, 5] + 300.0  # overflows float32: float64 fallback
+    cand[14, 2] = np.nan  # last row of the first take
+    base[15, 9] = np.nan  # first row of the second take
+    cand[58, 4098] = -np.inf  # last row, last entry: infinite KL
+    one = kld_per_token(base, cand, ref, kernel=native)
+    many = kld_per_token(base, cand, ref, kernel=native, threads=threads)
+    for k in FIELDS:
+        np.testing.assert_array_equal(getattr(many, k), getattr(one, k))
+    numpy_kernel = kld_per_token(base, cand, ref, kernel="numpy")
+    assert np.isnan(many.kld[14]) and np.isnan(many.kld[15]) and np.isinf(many.kld[58])
+    np.testing.assert_allclose(many.kld[0], numpy_kernel.kld[0], rtol=1e-6)
+    np.testing.assert_array_equal(many.same_top, numpy_kernel.same_top)
+    fine = np.setdiff1d(np.arange(59), [0, 14, 15, 58])
+    assert_kld_close(many.kld[fine], numpy_kernel.kld[fine])
+
+
 def test_default_kernel_is_the_compiled_one(native, monkeypatch):
     monkeypatch.delenv(kld_native.ENV_KERNEL, raising=False)
     assert row_kernel() is kld_native.compare
