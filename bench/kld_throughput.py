@@ -20,8 +20,9 @@ divided by ``copy bandwidth / (6 * n_vocab)``.
 Also: the compact encoding's encode speed, now vs the implementation before issue 13 (read from
 git at PREVIOUS_COMMIT), alternately.
 
-All measured alternately, round after round, in one run (medians), BLAS/OpenMP pinned to one
-thread. The machine is shared: ratios are the figures to trust, not absolute rates.
+All measured alternately, round after round, in one run, BLAS/OpenMP pinned to one thread.
+Rates are medians; the 2-thread speedup and the roofline fraction are medians of per-round
+ratios. The machine is shared: ratios are the figures to trust, not absolute rates.
 
     python bench/kld_throughput.py [--quick] [--json PATH] [--vocab 32000 128256]
 
@@ -196,20 +197,27 @@ def measure_vocab(v: int, n_chunks: int, n_tok: int, rounds: int, big, big_dst, 
     bandwidth = float(np.median(bw))
     bytes_per_token = 6 * v  # float16 base row + float32 candidate row
     roofline_tps = bandwidth / bytes_per_token
+    # ratios of two measurements: median of the per-round ratios (each round measures both within
+    # a second or two, so the machine's drift over minutes cancels; a ratio of medians would not)
+    t1a, t2a, t1na, t2na, bwa = (np.asarray(x, float) for x in (t1, t2, t1n, t2n, bw))
+    speedup2 = float(np.median(t1a / t2a))
+    speedup2n = float(np.median(t1na / t2na))
+    roofline = float(np.median((n_tokens / t1a) / (bwa / bytes_per_token)))
+    roofline_n = float(np.median((n_tokens / t1na) / (bwa / bytes_per_token)))
     enc_tps = lp.shape[0] / float(np.median(te))
     enc_old = lp.shape[0] / float(np.median(te_old)) if te_old else None
     return {
         "n_vocab": v, "tokens_per_chunk": n_tok, "chunks": n_chunks, "rounds": rounds, "kernel": default_kernel_name(),
         "tokens_per_s": tps1, "tokens_per_s_1thread": tps1, "tokens_per_s_2threads": tps2,
-        "speedup_2threads": tps2 / tps1,
+        "speedup_2threads": speedup2,
         "original_style_tokens_per_s": tps_orig, "speedup_vs_original_style": tps1 / tps_orig,
         "speedup_vs_original_style_2threads": tps2 / tps_orig,
-        "roofline_fraction": tps1 / roofline_tps, "roofline_tokens_per_s": roofline_tps,
+        "roofline_fraction": roofline, "roofline_tokens_per_s": roofline_tps,
         "copy_bandwidth_bytes_per_s": bandwidth, "bytes_read_per_token": bytes_per_token,
         "numpy_kernel_tokens_per_s_1thread": tps1n, "numpy_kernel_tokens_per_s_2threads": tps2n,
-        "numpy_kernel_speedup_2threads": tps2n / tps1n,
+        "numpy_kernel_speedup_2threads": speedup2n,
         "numpy_kernel_speedup_vs_original_style": tps1n / tps_orig,
-        "numpy_kernel_roofline_fraction": tps1n / roofline_tps, "speedup_vs_numpy_kernel": tps1 / tps1n,
+        "numpy_kernel_roofline_fraction": roofline_n, "speedup_vs_numpy_kernel": tps1 / tps1n,
         "max_rel_error_vs_float64": err_ours, "numpy_kernel_max_rel_error_vs_float64": err_numpy,
         "original_style_max_rel_error_vs_float64": err_orig,
         "compact_encode_tokens_per_s": enc_tps, "previous_compact_encode_tokens_per_s": enc_old,
