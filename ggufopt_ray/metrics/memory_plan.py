@@ -25,10 +25,11 @@ from dataclasses import asdict, dataclass
 MIB = 1 << 20
 
 # What a trial process holds before its model: Python, numpy, Ray and Tune (a trial is a Ray
-# worker), this package and the llama.cpp libraries. bench/big_vocab.py measures a trial's peak in
-# a process that has imported the same (VmHWM, not ru_maxrss, which a forked child inherits):
-# ~280 MiB of it is this overhead; the plan was then within 0-10% of the peak at V = 128k-262k.
-RUNTIME_OVERHEAD_BYTES = 300 * MIB
+# worker), this package and the llama.cpp libraries. Measured in a Ray worker that imported what a
+# trial does: 208 MiB (it was ~280 before trials stopped importing scipy.stats); bench/big_vocab.py
+# measures a trial's peak in a process with the same imports (VmHWM, not ru_maxrss, which a forked
+# child inherits), where the plan is within 0-10% of the peak at V = 32k-128k.
+RUNTIME_OVERHEAD_BYTES = 230 * MIB
 
 # float32 [row_block, V] blocks one KLD worker holds: four kernel buffers, a decoded base block
 # and a converted candidate block (see kld._Scratch), rounded up for the fancy-index temporaries.
