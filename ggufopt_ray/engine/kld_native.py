@@ -50,8 +50,9 @@ COMPACT_FLAGS = FLAGS + ["-ffp-contract=off"]
 COMPACT_ABI = 1
 # Headers the sources include (part of every library's build key).
 HEADERS = [Path(__file__).with_name(name) for name in ("simd_exp.h", "simd_rows.h")]
-# Rows per foreign call when the kernel reads the arrays directly (~2 MiB of float32 per call):
-# enough to make the call overhead negligible, few enough to share rows evenly among threads.
+# Rows per foreign call of a kernel that reads the arrays directly in blocks (the float16
+# encoder; ~2 MiB of float32 per call): enough to make the call overhead negligible, few enough
+# to share rows evenly among threads.
 DIRECT_BLOCK_ELEMENTS = 1 << 19
 # Rows a thread takes at a time from the shared counter inside the kernel (ggk_kld_rows_shared):
 # at least ~64 Ki entries, so the atomic increment is negligible; small, so threads finish together.

@@ -6,11 +6,13 @@ a chunk's comparison at a big vocabulary is tens of milliseconds, so the two cos
 threads with fixed shares are not small next to it. New threads first run where they were
 woken, beside the thread that started them, until the scheduler spreads them; and with a fixed
 share per thread the call lasts as long as the slowest share (a thread that started late, or one
-whose rows have more entries set aside). Measured at V = 128,256 on 2 cores: fresh threads with
-round-robin shares reached 1.4-1.6x one thread's speed, the persistent pool with a shared queue
-1.9-2x. Workers write disjoint rows of shared outputs; numpy and the ctypes kernels release the
-GIL inside each call, so the threads run in parallel on blocks of a few hundred KiB or more.
-The calling thread works too (it is awake already), so one thread of the pool serves two.
+whose rows have more entries set aside). Measured at V = 128,256 on 2 cores, paired runs: fresh
+threads with round-robin shares reached 1.39-1.61x one thread's speed, the persistent pool with
+a shared queue 1.72-1.86x. Workers write disjoint rows of shared outputs; numpy and the ctypes
+kernels release the GIL inside each call, so the threads run in parallel on blocks of a few
+hundred KiB or more. The calling thread works too (it is awake already), so one thread of the
+pool serves two. A kernel that shares out rows itself (the KLD kernel's counter) needs only
+``run_on_workers``: one call per thread, no Python between blocks.
 """
 
 from __future__ import annotations
