@@ -268,16 +268,21 @@ def _ptr(x: np.ndarray, row: int = 0) -> int:
     return x.ctypes.data + row * x.strides[0]
 
 
+def _row_args(n: int, a, b, ref, base_top, out, bad, r0: int) -> tuple:
+    """The arguments of ``ggk_kld_rows`` (and the leading ones of ``ggk_kld_rows_shared``) up to
+    the scratch: ``n`` rows of ``a`` (float16/float32) and ``b`` (float32) from their first row,
+    whose rows must be contiguous; ``ref``/``base_top``/``out``/``bad`` indexed from row ``r0``."""
+    return (n, b.shape[1], a.ctypes.data, a.strides[0] // a.itemsize, int(a.dtype == np.float16),
+            b.ctypes.data, b.strides[0] // 4,
+            None if base_top is None else _ptr(base_top, r0), None if ref is None else _ptr(ref, r0),
+            _ptr(out["kld"], r0), _ptr(out["same_top"], r0), _ptr(out["delta_p"], r0),
+            _ptr(out["nll_base"], r0), _ptr(out["nll_cand"], r0), _ptr(bad, r0))
+
+
 def _call(lib, a, b, ref, base_top, out, r0, r1, scratch, bad) -> np.ndarray:
     """Rows r0:r1 of ``out`` from rows 0:r1-r0 of ``a`` (float16/float32) and ``b`` (float32), whose
     rows must be contiguous; ``ref``/``base_top`` are indexed from r0. Returns the bad-row flags."""
-    n = r1 - r0
-    v = b.shape[1]
-    lib.ggk_kld_rows(n, v, a.ctypes.data, a.strides[0] // a.itemsize, int(a.dtype == np.float16),
-                     b.ctypes.data, b.strides[0] // 4,
-                     None if base_top is None else _ptr(base_top, r0), None if ref is None else _ptr(ref, r0),
-                     _ptr(out["kld"], r0), _ptr(out["same_top"], r0), _ptr(out["delta_p"], r0),
-                     _ptr(out["nll_base"], r0), _ptr(out["nll_cand"], r0), _ptr(bad, r0), scratch.ctypes.data)
+    lib.ggk_kld_rows(*_row_args(r1 - r0, a, b, ref, base_top, out, bad, r0), scratch.ctypes.data)
     return bad[r0:r1]
 
 
@@ -344,10 +349,7 @@ def _call_shared(lib, a, b, ref, base_top, out, bad, workers: int, step: int) ->
     are left."""
     n, v = b.shape
     counter = np.zeros(1, np.int64)
-    args = (n, v, a.ctypes.data, a.strides[0] // a.itemsize, int(a.dtype == np.float16), b.ctypes.data,
-            b.strides[0] // 4, None if base_top is None else base_top.ctypes.data,
-            None if ref is None else ref.ctypes.data, out["kld"].ctypes.data, out["same_top"].ctypes.data,
-            out["delta_p"].ctypes.data, out["nll_base"].ctypes.data, out["nll_cand"].ctypes.data, bad.ctypes.data)
+    args = _row_args(n, a, b, ref, base_top, out, bad, 0)
 
     def one_worker() -> None:
         scratch = _scratch(v)  # held here: the kernel writes into it during the call

@@ -139,9 +139,5 @@ def run_row_blocks(n: int, step: int, threads: int, work: Callable[[Iterable[tup
     the outer call is already parallel, and waiting on the pool from its own thread could block.
     """
     blocks = [(r0, min(n, r0 + step)) for r0 in range(0, n, step)]
-    workers = min(check_threads(threads), len(blocks))
-    if workers <= 1:
-        work(blocks)
-        return
     queue = BlockQueue(blocks)
-    run_on_workers(workers, lambda: _run(work, queue))
+    run_on_workers(min(check_threads(threads), len(blocks)), lambda: _run(work, queue))
