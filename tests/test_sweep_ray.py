@@ -41,6 +41,10 @@ def test_every_type_has_one_row_and_order_is_plausible(sweep_run):
     for r in result.rows:
         assert r["chunks"] == 4 and r["stop_reason"] == "all_chunks"
         assert 1 <= r["eval_threads"] <= 2  # one CPU each, both for a last trial that runs alone
+        assert 1 <= r["build_threads"] <= 2  # quantized on the threads the trial held when it started
+    events = [json.loads(line) for line in (root / "out" / "events.jsonl").read_text().splitlines()]
+    built = {e["label"]: e["threads"] for e in events if e["event"] == "candidate"}
+    assert built == {r["label"]: r["build_threads"] for r in result.rows}
     assert by["Q8_0"]["kld_mean"] < by["Q6_K"]["kld_mean"] < by["Q4_K_M"]["kld_mean"]
     assert by["Q8_0"]["bits_per_weight"] > by["Q4_0"]["bits_per_weight"]
     assert (root / "out" / "results.parquet").exists() and (root / "out" / "results.csv").exists()

@@ -209,6 +209,21 @@ def runs_in_trial(cluster: ClusterConfig) -> bool:
     return not cluster.task_resources and not cluster.task_cpus
 
 
+def work_threads(cluster: ClusterConfig, trial_threads: int) -> int:
+    """llama.cpp threads for a trial's quantize or imatrix work.
+
+    In the trial's own process (:func:`runs_in_trial`): the threads the trial holds -- a trial
+    given 4 CPUs (a 16-core node running 4 trials, a GPU trial with ``cluster.trial_cpus=8``)
+    quantizes on all of them, where it used to take one. On a task: the task's own CPUs
+    (``cluster.task_cpus``), or one for a 0-CPU task pinned to a node group, which holds no CPU
+    there. The files do not depend on it: llama.cpp quantizes each row, and computes each
+    activation the importance matrix sums, in one thread (``tests/test_work_threads.py``).
+    """
+    if runs_in_trial(cluster):
+        return max(1, int(trial_threads))
+    return max(1, int(cluster.task_cpus))
+
+
 def run_cpu_work(cluster: ClusterConfig, name: str, work, *args, **kwargs):
     """``work(*args, **kwargs)`` for a trial (one of this module's ``*_here`` functions): in the
     trial's process (:func:`runs_in_trial`), or as its Ray task named ``name``."""

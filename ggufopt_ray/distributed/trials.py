@@ -29,7 +29,7 @@ from ggufopt_ray.candidates import Candidate, Recipe
 from ggufopt_ray.config import ClusterConfig, MetricsConfig
 from ggufopt_ray.distributed.race import board_entries
 from ggufopt_ray.distributed.tasks import (build_candidate_here, build_imatrix_here, build_imatrix_prefixes_here,
-                                           fetch_to_local, on_this_node, run_cpu_work)
+                                           fetch_to_local, on_this_node, run_cpu_work, work_threads)
 from ggufopt_ray.engine import LogitsEngine, RuntimeSettings
 from ggufopt_ray.engine.imatrix import load_imatrix
 from ggufopt_ray.errors import UserError
@@ -90,25 +90,29 @@ def _imatrix_path(ctx: TrialContext, n_chunks: int, part: str = "") -> str:
     return str(Path(ctx.cache_dir) / "imatrix" / ctx.model_fp / name)
 
 
-def _collect(ctx: TrialContext, chunks: list, path: str, name: str) -> str:
-    """Collect (or find in the cache) the imatrix of ``chunks`` on a CPU task; its local path."""
-    im = run_cpu_work(ctx.cluster, name, build_imatrix_here, ctx.base_model, chunks, path, ctx.settings.n_ctx, 1)
+def _collect(ctx: TrialContext, chunks: list, path: str, name: str, threads: int) -> str:
+    """Collect (or find in the cache) the imatrix of ``chunks`` (in this trial or on a CPU task);
+    its local path."""
+    im = run_cpu_work(ctx.cluster, name, build_imatrix_here, ctx.base_model, chunks, path, ctx.settings.n_ctx,
+                      work_threads(ctx.cluster, threads))
     return fetch_to_local(im["path"], im["node_id"])
 
 
-def _language_prefix(ctx: TrialContext, lang: str, n: int) -> str:
+def _language_prefix(ctx: TrialContext, lang: str, n: int, threads: int) -> str:
     """The local path of the imatrix of ``lang``'s first ``n`` calibration chunks. Every prefix of
     the language is collected in one pass the first time any is asked for (see
     :func:`~ggufopt_ray.distributed.tasks.build_imatrix_prefixes_here`), and cached."""
     chunks = [c for c, label in zip(ctx.calib_tokens, ctx.calib_langs) if label == lang]
     stem = "lang-" + mix_file_label([(lang, 1.0)])
     out = run_cpu_work(ctx.cluster, f"imatrix-{lang}", build_imatrix_prefixes_here, ctx.base_model, chunks,
-                       [_imatrix_path(ctx, j, stem) for j in range(1, len(chunks) + 1)], ctx.settings.n_ctx, 1)
+                       [_imatrix_path(ctx, j, stem) for j in range(1, len(chunks) + 1)], ctx.settings.n_ctx,
+                       work_threads(ctx.cluster, threads))
     return fetch_to_local(out["paths"][n - 1], out["node_id"])
 
 
-def prepare_imatrix(recipe: Recipe, ctx: TrialContext) -> str | None:
-    """The local path of the importance matrix ``recipe`` asks for (None when it needs none).
+def prepare_imatrix(recipe: Recipe, ctx: TrialContext, threads: int = 1) -> str | None:
+    """The local path of the importance matrix ``recipe`` asks for (None when it needs none);
+    ``threads``: the trial's threads (see :func:`~ggufopt_ray.distributed.tasks.work_threads`).
 
     A plain recipe takes the first ``imatrix_chunks`` calibration chunks. A calibration mix is
     combined from per-language collections (each language's chunk prefix collected once, shared
@@ -120,24 +124,25 @@ def prepare_imatrix(recipe: Recipe, ctx: TrialContext) -> str | None:
         if k > len(ctx.calib_tokens):
             raise UserError(f"an imatrix of {k} chunks needs {k} calibration chunks; the dataset has "
                             f"{len(ctx.calib_tokens)} (raise dataset.calib_chunks)")
-        return _collect(ctx, ctx.calib_tokens[:k], _imatrix_path(ctx, k), f"imatrix-{k}")
+        return _collect(ctx, ctx.calib_tokens[:k], _imatrix_path(ctx, k), f"imatrix-{k}", threads)
     parts = mix_parts(recipe.imatrix_mix, k, ctx.calib_langs)
     out = Path(on_this_node(_imatrix_path(ctx, k, "mix" + recipe.key())))  # this node's cache root
     if out.exists():
         return str(out)
-    paths = [_language_prefix(ctx, p.lang, len(p.indices)) for p in parts]
+    paths = [_language_prefix(ctx, p.lang, len(p.indices), threads) for p in parts]
     mixed = combine_parts(parts, [load_imatrix(p) for p in paths], label="mix:" + mix_label(recipe.imatrix_mix))
     out.parent.mkdir(parents=True, exist_ok=True)
     mixed.save(out)
     return str(out)
 
 
-def prepare_candidate(recipe: Recipe, ctx: TrialContext) -> Candidate:
+def prepare_candidate(recipe: Recipe, ctx: TrialContext, threads: int = 1) -> Candidate:
     """Build (or fetch from the cache) the candidate file (in this trial or on a CPU task, see
-    :func:`~ggufopt_ray.distributed.tasks.runs_in_trial`), local to this trial."""
-    im_path = prepare_imatrix(recipe, ctx)
+    :func:`~ggufopt_ray.distributed.tasks.runs_in_trial`), local to this trial. ``threads``: the
+    trial's threads, which its own quantize and imatrix work use."""
+    im_path = prepare_imatrix(recipe, ctx, threads)
     cand = run_cpu_work(ctx.cluster, f"build-{recipe.label()}", build_candidate_here, recipe, ctx.base_model,
-                        ctx.cache_dir, ctx.model_fp, im_path, 1,
+                        ctx.cache_dir, ctx.model_fp, im_path, work_threads(ctx.cluster, threads),
                         # the imatrix is on this (the trial's) node; a build task on another node fetches it
                         imatrix_node_id=ray.get_runtime_context().get_node_id() if im_path else None)
     cand.path = fetch_to_local(cand.path, cand.node_id)
@@ -174,8 +179,15 @@ def _evaluate(plan, base_row: dict, ctx: TrialContext, t_start: float) -> None:
         tune.report({**base_row, **over, "stop_reason": "over_size_budget", "chunks": 0,
                      "objective": 1e9, "done_eval": True})
         return
-    cand = prepare_candidate(recipe, ctx)
-    log_event(ctx, "candidate", label=plan.label, cached=bool(cand.cached), node_id=cand.node_id)
+    trial_id = tune.get_context().get_trial_id() if ctx.cpu_share is not None else None
+    # The candidate is built on the threads the trial holds now: its own CPUs, or more when the
+    # sweep's last trials may take the CPUs others left (distributed/cpu_share.py).
+    build_threads = ctx.trial_settings().resolved_threads()
+    if ctx.cpu_share is not None:
+        build_threads = max(build_threads, ray.get(ctx.cpu_share.threads_for.remote(trial_id)))
+    cand = prepare_candidate(recipe, ctx, build_threads)
+    log_event(ctx, "candidate", label=plan.label, cached=bool(cand.cached), node_id=cand.node_id,
+              threads=work_threads(ctx.cluster, build_threads))
     t_built = time.perf_counter()
     store = ResultsStore.create_or_open(_results_root(ctx, cand), {
         "baseline_id": ctx.baseline_id, "candidate": recipe.to_dict(), "imatrix_hash": cand.imatrix_hash,
@@ -193,7 +205,6 @@ def _evaluate(plan, base_row: dict, ctx: TrialContext, t_start: float) -> None:
 
     engines: list = []  # the candidate's engine once the chunk loop has opened it
     threads = [ctx.trial_settings().resolved_threads()]  # most threads any chunk ran on
-    trial_id = tune.get_context().get_trial_id() if ctx.cpu_share is not None else None
 
     def open_engine() -> LogitsEngine:
         engines.append(LogitsEngine(cand.path, ctx.trial_settings()))
@@ -223,6 +234,7 @@ def _evaluate(plan, base_row: dict, ctx: TrialContext, t_start: float) -> None:
         row = {**base_row, **summary, "chunks": len(run.per_chunk), "chunk_ids": chunk_id_text(run.chunk_ids),
                "bits_per_weight": cand.bits_per_weight, "size_bytes": cand.size_bytes,
                "candidate_cached": cand.cached, "build_seconds": cand.build_seconds,
+               "build_threads": 0 if cand.cached else work_threads(ctx.cluster, build_threads),
                "imatrix_hash": cand.imatrix_hash or "",
                "baseline_chunks_from_object_store": fetched[0], "chunks_computed": run.computed,
                "candidate_path": cand.path, "build_node_id": cand.node_id, "results_store": str(store.root),
