@@ -110,7 +110,7 @@ def _language_prefix(ctx: TrialContext, lang: str, n: int, threads: int) -> str:
     return fetch_to_local(out["paths"][n - 1], out["node_id"])
 
 
-def prepare_imatrix(recipe: Recipe, ctx: TrialContext, threads: int = 1) -> str | None:
+def prepare_imatrix(recipe: Recipe, ctx: TrialContext, threads: int) -> str | None:
     """The local path of the importance matrix ``recipe`` asks for (None when it needs none);
     ``threads``: the trial's threads (see :func:`~ggufopt_ray.distributed.tasks.work_threads`).
 
@@ -136,7 +136,7 @@ def prepare_imatrix(recipe: Recipe, ctx: TrialContext, threads: int = 1) -> str 
     return str(out)
 
 
-def prepare_candidate(recipe: Recipe, ctx: TrialContext, threads: int = 1) -> Candidate:
+def prepare_candidate(recipe: Recipe, ctx: TrialContext, threads: int) -> Candidate:
     """Build (or fetch from the cache) the candidate file (in this trial or on a CPU task, see
     :func:`~ggufopt_ray.distributed.tasks.runs_in_trial`), local to this trial. ``threads``: the
     trial's threads, which its own quantize and imatrix work use."""
@@ -182,12 +182,13 @@ def _evaluate(plan, base_row: dict, ctx: TrialContext, t_start: float) -> None:
     trial_id = tune.get_context().get_trial_id() if ctx.cpu_share is not None else None
     # The candidate is built on the threads the trial holds now: its own CPUs, or more when the
     # sweep's last trials may take the CPUs others left (distributed/cpu_share.py).
-    build_threads = ctx.trial_settings().resolved_threads()
+    held = ctx.trial_settings().resolved_threads()
     if ctx.cpu_share is not None:
-        build_threads = max(build_threads, ray.get(ctx.cpu_share.threads_for.remote(trial_id)))
-    cand = prepare_candidate(recipe, ctx, build_threads)
+        held = max(held, ray.get(ctx.cpu_share.threads_for.remote(trial_id)))
+    cand = prepare_candidate(recipe, ctx, held)
+    build_threads = 0 if cand.cached else work_threads(ctx.cluster, held)  # 0: found in the cache
     log_event(ctx, "candidate", label=plan.label, cached=bool(cand.cached), node_id=cand.node_id,
-              threads=work_threads(ctx.cluster, build_threads))
+              threads=build_threads)
     t_built = time.perf_counter()
     store = ResultsStore.create_or_open(_results_root(ctx, cand), {
         "baseline_id": ctx.baseline_id, "candidate": recipe.to_dict(), "imatrix_hash": cand.imatrix_hash,
@@ -234,7 +235,7 @@ def _evaluate(plan, base_row: dict, ctx: TrialContext, t_start: float) -> None:
         row = {**base_row, **summary, "chunks": len(run.per_chunk), "chunk_ids": chunk_id_text(run.chunk_ids),
                "bits_per_weight": cand.bits_per_weight, "size_bytes": cand.size_bytes,
                "candidate_cached": cand.cached, "build_seconds": cand.build_seconds,
-               "build_threads": 0 if cand.cached else work_threads(ctx.cluster, build_threads),
+               "build_threads": build_threads,
                "imatrix_hash": cand.imatrix_hash or "",
                "baseline_chunks_from_object_store": fetched[0], "chunks_computed": run.computed,
                "candidate_path": cand.path, "build_node_id": cand.node_id, "results_store": str(store.root),
