@@ -57,6 +57,9 @@ def main(argv=None) -> int:
     ap.add_argument("--types", help="tensor types a group may take, comma-separated (default: the search's)")
     ap.add_argument("--local-steps", type=int, default=1, help="neighbouring types measured per group on each "
                     "size class's own stock type (default 1)")
+    ap.add_argument("--imatrix", action="store_true", help="every candidate, the stock types too, with an importance "
+                    "matrix of --calib-chunks calibration chunks (lets --types include IQ4_XS and other IQ types)")
+    ap.add_argument("--calib-chunks", type=int, default=None, help="calibration chunks (default 1, 8 with --imatrix)")
     args = ap.parse_args(argv)
 
     from ggufopt_ray.config import SweepConfig
@@ -83,8 +86,10 @@ def main(argv=None) -> int:
         cfg.model.path = str(SHARED / "tinycode-a-f16.gguf")
         cfg.model.n_ctx = cfg.model.n_batch = cfg.model.n_ubatch = 256
         cfg.dataset.source, cfg.dataset.path, cfg.dataset.langs = "local", str(SHARED / "corpus" / "eval.txt"), ["text"]
-        cfg.dataset.eval_chunks, cfg.dataset.calib_chunks = 16, 1
-        alloc = search_config("allocate", sizes=SIZES, n_bands=2, max_measurements=24, local_steps=args.local_steps)
+        cfg.dataset.eval_chunks = 16
+        cfg.dataset.calib_chunks = args.calib_chunks or (8 if args.imatrix else 1)
+        alloc = search_config("allocate", sizes=SIZES, n_bands=2, max_measurements=24, local_steps=args.local_steps,
+                              imatrix=args.imatrix)
         if args.types:
             alloc.types = [t.strip() for t in args.types.split(",") if t.strip()]
     cfg.search = alloc
@@ -111,7 +116,7 @@ def main(argv=None) -> int:
     n_tpe = max(2, math.ceil(evaluated / cfg.dataset.eval_chunks))
     tpe_cfg = replace(cfg, search=search_config("quant_mix", mode="optuna", num_samples=n_tpe, base_type="Q4_K_M",
                                    target_bpw=round(q4["bits_per_weight"] * 1.005, 4),
-                                   mix_types=["Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]))
+                                   mix_types=["Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"], imatrix=args.imatrix))
     t1 = time.perf_counter()
     tpe = run_sweep(tpe_cfg, work / "tpe", log=lambda m: print(m, file=sys.stderr))
     tpe_seconds = time.perf_counter() - t1
