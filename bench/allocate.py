@@ -62,6 +62,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-chunks", type=int, default=None, help="calibration chunks (default 1, 8 with --imatrix)")
     args = ap.parse_args(argv)
 
+    from ggufopt_ray.candidates import Recipe
     from ggufopt_ray.config import SweepConfig
     from ggufopt_ray.distributed.runtime import start_ray
     from ggufopt_ray.gguf.synth import SynthSpec, write_synthetic_model
@@ -78,20 +79,20 @@ def main(argv=None) -> int:
             print(f"note: {SHARED / 'tinycode-a-f16.gguf'} not found; using the synthetic model", file=sys.stderr)
         cfg.model.path = str(write_synthetic_model(work / "synth4.gguf", SynthSpec(seed=1, n_layer=4)))
         cfg.model.n_ctx = cfg.model.n_batch = cfg.model.n_ubatch = 128
-        cfg.dataset.eval_chunks, cfg.dataset.calib_chunks = 8, 1
+        cfg.dataset.eval_chunks = 8
         alloc = search_config("allocate", types=["Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"], sizes=SIZES, n_bands=2,
-                              max_measurements=8)
+                              max_measurements=8, imatrix=args.imatrix)
     else:
         model_name = "tinycode-a-f16 (trained, vocab 8192)"
         cfg.model.path = str(SHARED / "tinycode-a-f16.gguf")
         cfg.model.n_ctx = cfg.model.n_batch = cfg.model.n_ubatch = 256
         cfg.dataset.source, cfg.dataset.path, cfg.dataset.langs = "local", str(SHARED / "corpus" / "eval.txt"), ["text"]
         cfg.dataset.eval_chunks = 16
-        cfg.dataset.calib_chunks = args.calib_chunks or (8 if args.imatrix else 1)
         alloc = search_config("allocate", sizes=SIZES, n_bands=2, max_measurements=24, local_steps=args.local_steps,
                               imatrix=args.imatrix)
         if args.types:
             alloc.types = [t.strip() for t in args.types.split(",") if t.strip()]
+    cfg.dataset.calib_chunks = args.calib_chunks if args.calib_chunks is not None else (8 if args.imatrix else 1)
     cfg.search = alloc
     start_ray(cfg.cluster)
     t0 = time.perf_counter()
@@ -103,16 +104,20 @@ def main(argv=None) -> int:
     n_ctx = cfg.model.n_ctx
     evaluated = int(sum(r.get("chunks_computed", r.get("chunks", 0)) or 0 for r in result.rows))
     by_label = {r["label"]: r for r in result.rows}
+    imatrix_chunks = cfg.dataset.calib_chunks if args.imatrix else 0
+
+    def stock_row(ftype: str) -> dict:  # a stock type's row (its label names the imatrix when there is one)
+        return by_label[Recipe(kind="quant", ftype=ftype, imatrix_chunks=imatrix_chunks).label()]
 
     per_size, kld_ratio, size_ratio = {}, {}, {}
     for rec, size in zip(notes.get("recommendations", []), SIZES):
-        stock = confirm_on_all_chunks(by_label[size], store, n_ctx)
+        stock = confirm_on_all_chunks(stock_row(size), store, n_ctx)
         mine = confirm_on_all_chunks(by_label[rec["label"]], store, n_ctx)
         kld_ratio[size] = mine["kld_mean"] / stock["kld_mean"]
         size_ratio[size] = mine["bits_per_weight"] / stock["bits_per_weight"]
         per_size[size] = {"stock": stock, "allocated": mine}
     # TPE: today's quant_mix Optuna search, Q4_K_M budget, the same number of evaluated chunks.
-    q4 = confirm_on_all_chunks(by_label["Q4_K_M"], store, n_ctx)
+    q4 = confirm_on_all_chunks(stock_row("Q4_K_M"), store, n_ctx)
     n_tpe = max(2, math.ceil(evaluated / cfg.dataset.eval_chunks))
     tpe_cfg = replace(cfg, search=search_config("quant_mix", mode="optuna", num_samples=n_tpe, base_type="Q4_K_M",
                                    target_bpw=round(q4["bits_per_weight"] * 1.005, 4),
