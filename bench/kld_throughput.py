@@ -179,8 +179,13 @@ def measure_vocab(v: int, n_chunks: int, n_tok: int, rounds: int, big, big_dst, 
     # compact encode: now vs the previous implementation, alternately on one chunk's rows
     lp = log_softmax(base_logits[0][: min(n_tok, 64)])
     compact, before = get_encoding("compact"), previous_compact()
+    # One untimed call each first: the first call loads the compiled encoder (and warms the
+    # caches), which is not the encoder's speed; with only two timed calls it halved the median.
+    compact.encode(lp, refs[0][: lp.shape[0]])
+    if before is not None:
+        before.encode(lp, refs[0][: lp.shape[0]])
     te, te_old = [], []
-    for _ in range(max(2, rounds // 2)):
+    for _ in range(max(3, rounds)):
         t0 = time.perf_counter()
         compact.encode(lp, refs[0][: lp.shape[0]])
         te.append(time.perf_counter() - t0)
@@ -206,6 +211,8 @@ def measure_vocab(v: int, n_chunks: int, n_tok: int, rounds: int, big, big_dst, 
     roofline_n = float(np.median((n_tokens / t1na) / (bwa / bytes_per_token)))
     enc_tps = lp.shape[0] / float(np.median(te))
     enc_old = lp.shape[0] / float(np.median(te_old)) if te_old else None
+    # like the other ratios: the median of per-round ratios (both timed within a second)
+    enc_speedup = float(np.median(np.asarray(te_old) / np.asarray(te))) if te_old else None
     return {
         "n_vocab": v, "tokens_per_chunk": n_tok, "chunks": n_chunks, "rounds": rounds, "kernel": default_kernel_name(),
         "tokens_per_s": tps1, "tokens_per_s_1thread": tps1, "tokens_per_s_2threads": tps2,
@@ -221,7 +228,7 @@ def measure_vocab(v: int, n_chunks: int, n_tok: int, rounds: int, big, big_dst, 
         "max_rel_error_vs_float64": err_ours, "numpy_kernel_max_rel_error_vs_float64": err_numpy,
         "original_style_max_rel_error_vs_float64": err_orig,
         "compact_encode_tokens_per_s": enc_tps, "previous_compact_encode_tokens_per_s": enc_old,
-        "compact_encode_speedup": (enc_tps / enc_old) if enc_old else None,
+        "compact_encode_speedup": enc_speedup,
     }
 
 
