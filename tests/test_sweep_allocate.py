@@ -63,3 +63,20 @@ def test_allocation_recommends_the_best_measured_file_per_size(ray_local, tmp_pa
     html = (tmp_path / "out" / "report.html").read_text()
     assert 'id="model-card"' in html and "plot-allocation" in html
     assert math.isfinite(notes["reference_kld"])
+    # Every row's chunk_kld (what the allocator pairs with its reference) holds each chunk's mean
+    # KLD, equal to the per-token values of its results store read here with h5py in float64;
+    # the reference KLD is the base's mean over them.
+    import h5py
+    import numpy as np
+    from pathlib import Path
+
+    for r in result.rows:
+        if not r.get("results_store"):
+            continue
+        values = {int(k): v for k, v in json.loads(r["chunk_kld"]).items()}
+        assert sorted(values) == list(range(4)), r["label"]
+        for i, v in values.items():
+            with h5py.File(Path(r["results_store"]) / f"chunk_{i:06d}.h5", "r") as f:
+                assert v == pytest.approx(float(np.mean(np.asarray(f["kld"][()], np.float64))), rel=1e-9)
+    base = next(r for r in result.rows if r["label"] == "Q4_K_M")
+    assert notes["reference_kld"] == pytest.approx(np.mean(list(json.loads(base["chunk_kld"]).values())), rel=1e-12)

@@ -203,6 +203,8 @@ def _evaluate(plan, base_row: dict, ctx: TrialContext, t_start: float) -> None:
     stop_rule = race if race is not None else (lambda per_chunk: stop_decision(per_chunk, ctx.metrics))
     if (ctx.metrics.per_language or ctx.search.stops_per_language()) and len(set(ctx.langs)) > 1:
         stop_rule = every_language(stop_rule, ctx.metrics, langs)
+    if plan.every_chunk:
+        stop_rule = never_stop(stop_rule)
 
     engines: list = []  # the candidate's engine once the chunk loop has opened it
     threads = [ctx.trial_settings().resolved_threads()]  # most threads any chunk ran on
@@ -247,6 +249,8 @@ def _evaluate(plan, base_row: dict, ctx: TrialContext, t_start: float) -> None:
         if race is not None:
             row.update(race.row_fields())
         row.update(lang_fields)
+        if run.done and ctx.search.chunk_values:
+            row["chunk_kld"] = chunk_kld_text(run)
         tune.report(row)
         if not run.done:
             take_spare_cpus()
@@ -264,6 +268,22 @@ def language_fields(per_chunk: list[dict], langs: list[str], n_boot: int = 200) 
     return {"worst_language": breakdown.worst_language or "", "worst_language_kld": breakdown.worst_language_kld,
             "language_mean_kld": float(np.mean(means)) if means else math.nan,
             "languages": json.dumps(breakdown.rows(), default=float)}
+
+
+def never_stop(rule):
+    """``rule`` asked after every chunk (racing posts the values to the board), its stop ignored."""
+
+    def decide(per_chunk: list[dict]) -> tuple[bool, str]:
+        rule(per_chunk)
+        return False, "all_chunks"
+
+    return decide
+
+
+def chunk_kld_text(run: EvaluationRun) -> str:
+    """``{chunk index: mean KLD}`` of the evaluated chunks as JSON (a results row stays flat)."""
+    return json.dumps({str(i): float(np.mean(np.asarray(c["kld"], dtype=np.float64)))
+                       for i, c in zip(run.chunk_ids, run.per_chunk)})
 
 
 def every_language(rule, metrics, langs: list[str]):

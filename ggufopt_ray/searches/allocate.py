@@ -29,6 +29,7 @@ import numpy as np
 
 from ggufopt_ray.allocate.groups import KEEP, build_groups, overrides_for
 from ggufopt_ray.allocate.loop import allocate_loop
+from ggufopt_ray.allocate.paired import chunk_means, paired_mean, reference_mean
 from ggufopt_ray.allocate.predictor import MixTable, compare
 from ggufopt_ray.allocate.recommend import (Candidate, SizeClass, llama_quantize_command, model_card_table,
                                             recommend, tensor_type_file_text)
@@ -116,6 +117,7 @@ class Allocate(Search):
     name = "allocate"
     config_class = AllocateConfig
     about = "per-group sensitivities, then exact knapsack allocation for every size class, checked by measurement"
+    chunk_values = True  # every KLD the allocator uses is paired with its reference's (allocate/paired.py)
 
     def validate(self) -> None:
         super().validate()
@@ -199,7 +201,8 @@ class Allocate(Search):
         kind = config.get("kind")
         if kind == "stock":
             recipe = Recipe(kind="quant", ftype=str(config["ftype"]), imatrix_chunks=imx)
-            return TrialPlan(recipe, recipe.label(), recipe.label())
+            # A base is the reference its singles and mixes are paired with: it sees every chunk.
+            return TrialPlan(recipe, recipe.label(), recipe.label(), every_chunk=recipe.ftype in self.bases)
         base = str(config.get("base") or self.cfg.base_type)
         if kind == "single":
             choice = {str(config["group"]): str(config["type"])}
@@ -230,6 +233,8 @@ class Allocate(Search):
         every_row = list(rows)
         counter = [0]
         summaries = {}
+        primary_ref = by_label.get(Recipe(kind="quant", ftype=c.base_type, imatrix_chunks=self._imatrix_chunks()).label())
+        primary_chunks = chunk_means(primary_ref) if primary_ref else {}
         for base, bt in self.bases.items():
             # base_type's table spans every size (as without local bases); a local base adds its
             # own size class, where its local prediction is the sharper one.
@@ -241,19 +246,26 @@ class Allocate(Search):
             if base_label not in by_label:
                 log(f"allocate the reference {base_label} was not measured; no allocation from it")
                 continue
-            ref_kld = measured_mean(by_label[base_label])
+            reference = chunk_means(by_label[base_label])
+            ref_kld = reference_mean(reference) if reference else measured_mean(by_label[base_label])
+
+            def kld_of(row: dict, reference=reference) -> float:
+                """On the reference's chunks when they share enough (allocate/paired.py)."""
+                paired = paired_mean(chunk_means(row), reference)
+                return measured_mean(row) if paired is None else paired
+
             singles = {}
             for g, t in bt.same_as_base:
                 if t in bt.allowed[g]:
                     singles[(g, t)] = ref_kld
             for g, t in bt.singles():
                 row = by_label.get(f"{base}[{g}={t}]")
-                if row is not None and math.isfinite(measured_mean(row)):
-                    singles[(g, t)] = measured_mean(row)
+                if row is not None and math.isfinite(kld_of(row)):
+                    singles[(g, t)] = kld_of(row)
             table = MixTable.from_measurements([g.name for g in self.groups], self.columns, bt.nbytes,
                                                {g.name: KEEP for g in self.groups}, ref_kld, singles, bt.fixed_bytes)
 
-            def measure_batch(mixes: list[dict], base=base) -> list[float]:
+            def measure_batch(mixes: list[dict], base=base, kld_of=kld_of) -> list[float]:
                 counter[0] += 1
                 configs = [{"kind": "mix", "base": base,
                             "mix": json.dumps({g: t for g, t in m.items() if t != KEEP}, sort_keys=True)}
@@ -262,13 +274,13 @@ class Allocate(Search):
                 more = run_round(configs, f"allocate-{counter[0]}")
                 every_row.extend(more)
                 got = {r.get("config.mix"): r for r in more}
-                return [measured_mean(got[cfg["mix"]]) if cfg["mix"] in got else math.nan for cfg in configs]
+                return [kld_of(got[cfg["mix"]]) if cfg["mix"] in got else math.nan for cfg in configs]
 
             result = allocate_loop(table, budgets, measure_batch=measure_batch, max_measurements=c.max_measurements,
                                    per_round=c.per_round or None)
             summaries[base] = (result, table)
         self.notes["allocate"].update(self._summary(summaries))
-        self._recommend(every_row, output_dir, log)
+        self._recommend(every_row, output_dir, log, primary_chunks)
 
     def _summary(self, summaries: dict) -> dict:
         """Every base's loop, and predicted vs measured over all of them (out of sample)."""
@@ -304,8 +316,9 @@ class Allocate(Search):
         })
         return out
 
-    def _recommend(self, rows, output_dir, log) -> None:
-        """Per size class the best measured candidate that fits, with its recipe files."""
+    def _recommend(self, rows, output_dir, log, reference: dict | None = None) -> None:
+        """Per size class the best measured candidate that fits, with its recipe files; means on
+        the ``reference``'s chunks (``{chunk: mean KLD}`` of base_type) where a row shares them."""
         model = self.facts.model_path
         cands = []
         for r in rows:
@@ -314,7 +327,8 @@ class Allocate(Search):
             recipe = json.loads(r["recipe"])
             # Tensor bytes, as the size classes count them (the file adds its metadata).
             nbytes = int(round(float(r["bits_per_weight"]) * self.sizer.n_params / 8))
-            summary = {**r, "kld_mean": measured_mean(r), "kld_mean_se": measured_se(r)}
+            paired = paired_mean(chunk_means(r), reference or {})
+            summary = {**r, "kld_mean": measured_mean(r) if paired is None else paired, "kld_mean_se": measured_se(r)}
             cands.append(Candidate.from_summary(r["label"], nbytes, self.sizer.n_params, summary,
                                                 overrides=tuple(recipe.get("overrides") or ()),
                                                 base_type=recipe.get("ftype") or ""))

@@ -57,6 +57,9 @@ class TrialPlan:
     recipe: Recipe
     sampled_label: str
     name: str = ""  # a label of the search's own (else the recipe's)
+    # Evaluate every chunk whatever the stop rules say (racing still sees its values): a
+    # reference that other candidates are compared with chunk by chunk (allocate/paired.py).
+    every_chunk: bool = False
 
     @property
     def label(self) -> str:
@@ -77,6 +80,9 @@ class Search:
     # The objective reads per-language statistics (worst_language_kld, language_mean_kld), so
     # trials compute them at every report, not only at the end.
     by_language: ClassVar[bool] = False
+    # Final rows carry ``chunk_kld``, each evaluated chunk's mean KLD (JSON), for searches that
+    # compare candidates on shared chunks (allocate/paired.py).
+    chunk_values: ClassVar[bool] = False
 
     def __init__(self, cfg: SearchConfig):
         if not isinstance(cfg, self.config_class):
