@@ -55,8 +55,10 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a 4-layer synthetic model, few chunks (~2-4 min)")
     ap.add_argument("--json", help="write the figures to this JSON file")
     ap.add_argument("--types", help="tensor types a group may take, comma-separated (default: the search's)")
-    ap.add_argument("--local-steps", type=int, default=1, help="neighbouring types measured per group on each "
-                    "size class's own stock type (default 1)")
+    ap.add_argument("--local-bases", action="store_true", help="also allocate each size class around its own stock "
+                    "type (search.local_bases=true)")
+    ap.add_argument("--local-steps", type=int, default=1, help="with --local-bases: neighbouring types measured per "
+                    "group on each size class's own stock type (default 1)")
     ap.add_argument("--imatrix", action="store_true", help="every candidate, the stock types too, with an importance "
                     "matrix of --calib-chunks calibration chunks (lets --types include IQ4_XS and other IQ types)")
     ap.add_argument("--calib-chunks", type=int, default=None, help="calibration chunks (default 1, 8 with --imatrix)")
@@ -81,7 +83,8 @@ def main(argv=None) -> int:
         cfg.model.n_ctx = cfg.model.n_batch = cfg.model.n_ubatch = 128
         cfg.dataset.eval_chunks = 8
         alloc = search_config("allocate", types=["Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"], sizes=SIZES, n_bands=2,
-                              max_measurements=8, imatrix=args.imatrix)
+                              max_measurements=8, imatrix=args.imatrix, local_bases=args.local_bases,
+                              local_steps=args.local_steps)
     else:
         model_name = "tinycode-a-f16 (trained, vocab 8192)"
         cfg.model.path = str(SHARED / "tinycode-a-f16.gguf")
@@ -89,6 +92,7 @@ def main(argv=None) -> int:
         cfg.dataset.source, cfg.dataset.path, cfg.dataset.langs = "local", str(SHARED / "corpus" / "eval.txt"), ["text"]
         cfg.dataset.eval_chunks = 16
         alloc = search_config("allocate", sizes=SIZES, n_bands=2, max_measurements=24, local_steps=args.local_steps,
+                              local_bases=args.local_bases,
                               imatrix=args.imatrix)
         if args.types:
             alloc.types = [t.strip() for t in args.types.split(",") if t.strip()]
