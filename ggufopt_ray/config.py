@@ -119,6 +119,9 @@ class SweepConfig:
     verbose: bool = False
     seed: int = 0
     overwrite: bool = False  # true: discard the results of another sweep in output_dir instead of refusing
+    # false: no report.html, report.md and plots at the end (drawing them costs seconds per sweep,
+    # a lot in a multirun of many small sweeps); `ggufopt report DIR` draws them later
+    report: bool = True
 
 
 def register_configs() -> None:

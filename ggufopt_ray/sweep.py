@@ -345,7 +345,7 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
         "size_budget": search_notes.get("size_budget"), "search": search_notes, "memory_plan": plan.to_dict(),
         "seconds": time.perf_counter() - t0}, indent=2, default=str))
     report = None
-    if (output_dir / "results.parquet").exists():
+    if cfg.report and (output_dir / "results.parquet").exists():
         from ggufopt_ray.report.html import write_report
 
         report = str(write_report(output_dir))
@@ -450,4 +450,6 @@ def main_from_hydra(cfg) -> SweepResult:
     print(f"\nresults in {result.output_dir} ({result.seconds:.0f} s)")
     if result.report:
         print(f"report   {result.report}")
+    elif not sweep_cfg.report:
+        print(f"report   not drawn (report=false); `ggufopt report {result.output_dir}` draws it")
     return result

@@ -74,6 +74,7 @@ def small_sweep_config(cache_dir, **search):
     cfg.model.n_ctx = cfg.model.n_batch = cfg.model.n_ubatch = 128
     cfg.dataset.eval_chunks, cfg.dataset.calib_chunks = 4, 2
     cfg.metrics.early_stopping = False
+    cfg.report = False  # plots cost seconds per sweep; the tests that read a report turn it on
     cfg.cluster.num_cpus, cfg.cluster.dashboard, cfg.cluster.max_concurrent_trials = 2, False, 2
     if "name" in search:  # each search has its own typed config
         from ggufopt_ray.searches import search_config

@@ -18,7 +18,7 @@ def _cmd(out: Path, cache: Path) -> list[str]:
     return [sys.executable, str(ROOT / "launch" / "sweep.py"), f"output_dir={out}", f"cache_dir={cache}",
             "model.n_ctx=128", "model.n_batch=128", "model.n_ubatch=128", "dataset.eval_chunks=4",
             "dataset.calib_chunks=1", "metrics.early_stopping=false", "cluster.num_cpus=1",
-            "cluster.dashboard=false", "search.types=[Q8_0,Q4_0]"]
+            "cluster.dashboard=false", "report=false", "search.types=[Q8_0,Q4_0]"]
 
 
 @pytest.mark.slow

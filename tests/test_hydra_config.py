@@ -93,7 +93,7 @@ def test_multirun_of_two_searches_writes_two_result_dirs(tmp_path):
     (own / "two_types.yaml").write_text("defaults:\n  - quant_types_schema\ntypes: [Q8_0, Q4_0]\n")
     (own / "zfp_one.yaml").write_text("defaults:\n  - zfp_schema\nzfp_rates: [8.0]\nzfp_dims: [2]\n")
     proc = _run_sweep("-m", "--config-dir", str(tmp_path / "myconf"), "search=two_types,zfp_one", "experiment=quick",
-                      "cluster.dashboard=false",
+                      "cluster.dashboard=false", "report=false",
                       f"cache_dir={tmp_path / 'cache'}", "hydra.sweep.dir=" + str(tmp_path / "multi"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     import pandas as pd
@@ -105,3 +105,5 @@ def test_multirun_of_two_searches_writes_two_result_dirs(tmp_path):
     assert sorted(a["label"]) == ["Q4_0", "Q8_0"]
     assert list(b["label"]) == ["zfp-rate8-d2"]
     assert (dirs[0] / ".hydra" / "config.yaml").exists()
+    # report=false: results without the report (`ggufopt report DIR` draws it later)
+    assert not any((d / "report.html").exists() or (d / "plots").exists() for d in dirs)

@@ -98,7 +98,7 @@ def _sweep_cmd(out: Path, cache: Path) -> list[str]:
     return [sys.executable, str(ROOT / "launch" / "sweep.py"), f"output_dir={out}", f"cache_dir={cache}",
             "model.n_ctx=128", "model.n_batch=128", "model.n_ubatch=128", "dataset.eval_chunks=12",
             "dataset.calib_chunks=2", "metrics.early_stopping=false", "cluster.num_cpus=1",
-            "cluster.dashboard=false", f"search.types=[{','.join(KILL_TYPES)}]"]
+            "cluster.dashboard=false", "report=false", f"search.types=[{','.join(KILL_TYPES)}]"]
 
 
 @pytest.mark.slow

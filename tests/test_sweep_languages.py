@@ -29,6 +29,7 @@ def language_sweep(ray_local, tmp_path_factory):
     cfg = small_sweep_config(root / "cache", types=["Q8_0", "Q4_K_M", "Q4_0"])
     cfg.dataset.source, cfg.dataset.path, cfg.dataset.langs = "local", str(root / "{lang}.txt"), LANGS
     cfg.dataset.eval_chunks = 6
+    cfg.report = True  # its heatmap is checked in a browser
     result = run_sweep(cfg, root / "out", log=lambda *a: None)
     return root / "out", result
 

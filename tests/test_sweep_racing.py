@@ -120,7 +120,7 @@ def _cmd(out: Path, cache: Path) -> list[str]:
     return [sys.executable, str(ROOT / "launch" / "sweep.py"), f"output_dir={out}", f"cache_dir={cache}",
             "model.n_ctx=128", "model.n_batch=128", "model.n_ubatch=128", "dataset.eval_chunks=12",
             "dataset.calib_chunks=2", "metrics.margin=0.01", "metrics.chunk_order=shared",  # see _shared_order_config
-            "cluster.num_cpus=1", "cluster.dashboard=false",
+            "cluster.num_cpus=1", "cluster.dashboard=false", "report=false",
             f"search.types=[{','.join(TYPES)}]"]
 
 

@@ -131,6 +131,7 @@ def test_optuna_search_with_size_budget(ray_local, tmp_path):
                              mix_groups=["attn_v", "ffn_down", "token_embd"], mix_types=["Q5_K", "Q8_0"],
                              target_bpw=None, target_bpw_over_base=0.25)
     cfg.dataset.eval_chunks = 2
+    cfg.report = True  # report.md states the budget
     result = run_sweep(cfg, tmp_path / "out", log=lambda *a: None)
     budget = json.loads((tmp_path / "out" / "sweep.json").read_text())["size_budget"]
     assert budget["target_bpw"] == pytest.approx(budget["base_bpw"] + 0.25, abs=1e-4)
@@ -168,6 +169,7 @@ def test_imatrix_size_search_scores_sizes_and_recommends_one(ray_local, tmp_path
 
     cfg = small_sweep_config(tmp_path / "cache", name="imatrix_size", base_type="IQ4_XS", imatrix_chunks=[1, 2])
     cfg.dataset.eval_chunks = 2
+    cfg.report = True  # report.md states the recommended size
     result = run_sweep(cfg, tmp_path / "out", log=lambda *a: None)
     assert not result.errors, result.errors
     sizes = sorted(int(r["config.imatrix_chunks"]) for r in result.rows)
