@@ -55,6 +55,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a 4-layer synthetic model, few chunks (~2-4 min)")
     ap.add_argument("--json", help="write the figures to this JSON file")
     ap.add_argument("--types", help="tensor types a group may take, comma-separated (default: the search's)")
+    ap.add_argument("--bands", type=int, default=2, help="bands of consecutive layers per tensor kind "
+                    "(search.n_bands; default 2)")
     ap.add_argument("--local-bases", action="store_true", help="also allocate each size class around its own stock "
                     "type (search.local_bases=true)")
     ap.add_argument("--local-steps", type=int, default=1, help="with --local-bases: neighbouring types measured per "
@@ -82,7 +84,7 @@ def main(argv=None) -> int:
         cfg.model.path = str(write_synthetic_model(work / "synth4.gguf", SynthSpec(seed=1, n_layer=4)))
         cfg.model.n_ctx = cfg.model.n_batch = cfg.model.n_ubatch = 128
         cfg.dataset.eval_chunks = 8
-        alloc = search_config("allocate", types=["Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"], sizes=SIZES, n_bands=2,
+        alloc = search_config("allocate", types=["Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"], sizes=SIZES, n_bands=args.bands,
                               max_measurements=8, imatrix=args.imatrix, local_bases=args.local_bases,
                               local_steps=args.local_steps)
     else:
@@ -91,7 +93,7 @@ def main(argv=None) -> int:
         cfg.model.n_ctx = cfg.model.n_batch = cfg.model.n_ubatch = 256
         cfg.dataset.source, cfg.dataset.path, cfg.dataset.langs = "local", str(SHARED / "corpus" / "eval.txt"), ["text"]
         cfg.dataset.eval_chunks = 16
-        alloc = search_config("allocate", sizes=SIZES, n_bands=2, max_measurements=24, local_steps=args.local_steps,
+        alloc = search_config("allocate", sizes=SIZES, n_bands=args.bands, max_measurements=24, local_steps=args.local_steps,
                               local_bases=args.local_bases,
                               imatrix=args.imatrix)
         if args.types:
