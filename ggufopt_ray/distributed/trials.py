@@ -282,8 +282,7 @@ def never_stop(rule):
 
 def chunk_kld_text(run: EvaluationRun) -> str:
     """``{chunk index: mean KLD}`` of the evaluated chunks as JSON (a results row stays flat)."""
-    return json.dumps({str(i): float(np.mean(np.asarray(c["kld"], dtype=np.float64)))
-                       for i, c in zip(run.chunk_ids, run.per_chunk)})
+    return json.dumps({str(i): v for i, v in zip(run.chunk_ids, per_chunk_values(run.per_chunk, "mean"))})
 
 
 def every_language(rule, metrics, langs: list[str]):

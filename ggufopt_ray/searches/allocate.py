@@ -233,8 +233,11 @@ class Allocate(Search):
         every_row = list(rows)
         counter = [0]
         summaries = {}
-        primary_ref = by_label.get(Recipe(kind="quant", ftype=c.base_type, imatrix_chunks=self._imatrix_chunks()).label())
-        primary_chunks = chunk_means(primary_ref) if primary_ref else {}
+
+        def stock_label(ftype: str) -> str:
+            return Recipe(kind="quant", ftype=ftype, imatrix_chunks=self._imatrix_chunks()).label()
+
+        primary_chunks = chunk_means(by_label.get(stock_label(c.base_type), {}))
         for base, bt in self.bases.items():
             # base_type's table spans every size (as without local bases); a local base adds its
             # own size class, where its local prediction is the sharper one.
@@ -242,30 +245,24 @@ class Allocate(Search):
                        if o == base or base == c.base_type]
             if not budgets:
                 continue
-            base_label = Recipe(kind="quant", ftype=base, imatrix_chunks=self._imatrix_chunks()).label()
+            base_label = stock_label(base)
             if base_label not in by_label:
                 log(f"allocate the reference {base_label} was not measured; no allocation from it")
                 continue
             reference = chunk_means(by_label[base_label])
             ref_kld = reference_mean(reference) if reference else measured_mean(by_label[base_label])
-
-            def kld_of(row: dict, reference=reference) -> float:
-                """On the reference's chunks when they share enough (allocate/paired.py)."""
-                paired = paired_mean(chunk_means(row), reference)
-                return measured_mean(row) if paired is None else paired
-
             singles = {}
             for g, t in bt.same_as_base:
                 if t in bt.allowed[g]:
                     singles[(g, t)] = ref_kld
             for g, t in bt.singles():
-                row = by_label.get(f"{base}[{g}={t}]")
-                if row is not None and math.isfinite(kld_of(row)):
-                    singles[(g, t)] = kld_of(row)
+                kld = paired_kld(by_label.get(f"{base}[{g}={t}]"), reference)
+                if math.isfinite(kld):
+                    singles[(g, t)] = kld
             table = MixTable.from_measurements([g.name for g in self.groups], self.columns, bt.nbytes,
                                                {g.name: KEEP for g in self.groups}, ref_kld, singles, bt.fixed_bytes)
 
-            def measure_batch(mixes: list[dict], base=base, kld_of=kld_of) -> list[float]:
+            def measure_batch(mixes: list[dict], base=base, reference=reference) -> list[float]:
                 counter[0] += 1
                 configs = [{"kind": "mix", "base": base,
                             "mix": json.dumps({g: t for g, t in m.items() if t != KEEP}, sort_keys=True)}
@@ -274,7 +271,7 @@ class Allocate(Search):
                 more = run_round(configs, f"allocate-{counter[0]}")
                 every_row.extend(more)
                 got = {r.get("config.mix"): r for r in more}
-                return [kld_of(got[cfg["mix"]]) if cfg["mix"] in got else math.nan for cfg in configs]
+                return [paired_kld(got.get(cfg["mix"]), reference) for cfg in configs]
 
             result = allocate_loop(table, budgets, measure_batch=measure_batch, max_measurements=c.max_measurements,
                                    per_round=c.per_round or None)
@@ -327,8 +324,7 @@ class Allocate(Search):
             recipe = json.loads(r["recipe"])
             # Tensor bytes, as the size classes count them (the file adds its metadata).
             nbytes = int(round(float(r["bits_per_weight"]) * self.sizer.n_params / 8))
-            paired = paired_mean(chunk_means(r), reference or {})
-            summary = {**r, "kld_mean": measured_mean(r) if paired is None else paired, "kld_mean_se": measured_se(r)}
+            summary = {**r, "kld_mean": paired_kld(r, reference or {}), "kld_mean_se": measured_se(r)}
             cands.append(Candidate.from_summary(r["label"], nbytes, self.sizer.n_params, summary,
                                                 overrides=tuple(recipe.get("overrides") or ()),
                                                 base_type=recipe.get("ftype") or ""))
@@ -368,6 +364,15 @@ def measured_mean(row: dict) -> float:
         return float(v)
     v = row.get("kld_mean")
     return float(v) if isinstance(v, (int, float)) else math.nan
+
+
+def paired_kld(row: dict | None, reference: dict) -> float:
+    """A row's mean KLD on the ``reference``'s chunks when they share enough (allocate/paired.py),
+    else its own (``measured_mean``); NaN for no row."""
+    if row is None:
+        return math.nan
+    paired = paired_mean(chunk_means(row), reference)
+    return measured_mean(row) if paired is None else paired
 
 
 def measured_se(row: dict) -> float:
