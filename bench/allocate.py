@@ -84,18 +84,17 @@ def main(argv=None) -> int:
         cfg.model.path = str(write_synthetic_model(work / "synth4.gguf", SynthSpec(seed=1, n_layer=4)))
         cfg.model.n_ctx = cfg.model.n_batch = cfg.model.n_ubatch = 128
         cfg.dataset.eval_chunks = 8
-        alloc = search_config("allocate", types=["Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"], sizes=SIZES, n_bands=args.bands,
-                              max_measurements=8, imatrix=args.imatrix, local_bases=args.local_bases,
-                              local_steps=args.local_steps)
+        alloc = search_config("allocate", types=["Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"], sizes=SIZES,
+                              n_bands=args.bands, max_measurements=8, imatrix=args.imatrix,
+                              local_bases=args.local_bases, local_steps=args.local_steps)
     else:
         model_name = "tinycode-a-f16 (trained, vocab 8192)"
         cfg.model.path = str(SHARED / "tinycode-a-f16.gguf")
         cfg.model.n_ctx = cfg.model.n_batch = cfg.model.n_ubatch = 256
         cfg.dataset.source, cfg.dataset.path, cfg.dataset.langs = "local", str(SHARED / "corpus" / "eval.txt"), ["text"]
         cfg.dataset.eval_chunks = 16
-        alloc = search_config("allocate", sizes=SIZES, n_bands=args.bands, max_measurements=24, local_steps=args.local_steps,
-                              local_bases=args.local_bases,
-                              imatrix=args.imatrix)
+        alloc = search_config("allocate", sizes=SIZES, n_bands=args.bands, max_measurements=24,
+                              imatrix=args.imatrix, local_bases=args.local_bases, local_steps=args.local_steps)
         if args.types:
             alloc.types = [t.strip() for t in args.types.split(",") if t.strip()]
     cfg.dataset.calib_chunks = args.calib_chunks if args.calib_chunks is not None else (8 if args.imatrix else 1)

@@ -41,7 +41,7 @@ def test_chunk_means_reads_the_rows_field_and_tolerates_rows_without_it():
     assert chunk_means({"chunk_kld": "not json"}) == {}
 
 
-def test_the_allocators_reference_sees_every_chunk_and_rows_carry_chunk_values(tiny_model):
+def test_the_allocators_reference_sees_every_chunk_and_the_search_asks_for_chunk_values(tiny_model):
     """The base type is planned with every_chunk (the stop rule is asked, for racing's board, and
     ignored); other stock types and singles stop as usual."""
     from ggufopt_ray.distributed.trials import never_stop

@@ -5,8 +5,9 @@ evaluates its own staggered subset (the shared anchor chunks, then its own offse
 in difficulty far more than most tensor groups change the KLD: on tinycode-a (vocabulary 8,192,
 Q4_K_M with an importance matrix) the reference's chunk means spanned 0.77-1.32x their average,
 while most single-group changes moved the KLD by 1-10%. A ΔKLD taken between two means over
-different chunks is then mostly the chunks' difference: almost every single-group change, downgrades included, came out ~1e-4 below the
-reference (8% of its KLD), and fifteen such biases summed to a predicted KLD below zero. The
+different chunks is then mostly the chunks' difference: almost every single-group change,
+downgrades included, came out ~1e-4 below the reference (6-10% of its KLD), and fifteen such
+biases summed to a predicted KLD below zero. The
 borrowed-strength (two-way) estimate removes an *additive* chunk effect, but the effect is
 multiplicative (a hard chunk raises every candidate's KLD in proportion).
 
