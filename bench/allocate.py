@@ -61,6 +61,8 @@ def main(argv=None) -> int:
                     "type (search.local_bases=true)")
     ap.add_argument("--local-steps", type=int, default=1, help="with --local-bases: neighbouring types measured per "
                     "group on each size class's own stock type (default 1)")
+    ap.add_argument("--refine-rounds", type=int, default=2, help="times the singles the predicted best mixes use "
+                    "are measured again on every chunk before the loop (search.refine_rounds; default 2)")
     ap.add_argument("--imatrix", action="store_true", help="every candidate, the stock types too, with an importance "
                     "matrix of --calib-chunks calibration chunks (lets --types include IQ4_XS and other IQ types)")
     ap.add_argument("--calib-chunks", type=int, default=None, help="calibration chunks (default 1, 8 with --imatrix)")
@@ -86,7 +88,8 @@ def main(argv=None) -> int:
         cfg.dataset.eval_chunks = 8
         alloc = search_config("allocate", types=["Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"], sizes=SIZES,
                               n_bands=args.bands, max_measurements=8, imatrix=args.imatrix,
-                              local_bases=args.local_bases, local_steps=args.local_steps)
+                              local_bases=args.local_bases, local_steps=args.local_steps,
+                              refine_rounds=args.refine_rounds)
     else:
         model_name = "tinycode-a-f16 (trained, vocab 8192)"
         cfg.model.path = str(SHARED / "tinycode-a-f16.gguf")
@@ -94,7 +97,8 @@ def main(argv=None) -> int:
         cfg.dataset.source, cfg.dataset.path, cfg.dataset.langs = "local", str(SHARED / "corpus" / "eval.txt"), ["text"]
         cfg.dataset.eval_chunks = 16
         alloc = search_config("allocate", sizes=SIZES, n_bands=args.bands, max_measurements=24,
-                              imatrix=args.imatrix, local_bases=args.local_bases, local_steps=args.local_steps)
+                              imatrix=args.imatrix, local_bases=args.local_bases, local_steps=args.local_steps,
+                              refine_rounds=args.refine_rounds)
         if args.types:
             alloc.types = [t.strip() for t in args.types.split(",") if t.strip()]
     cfg.dataset.calib_chunks = args.calib_chunks if args.calib_chunks is not None else (8 if args.imatrix else 1)

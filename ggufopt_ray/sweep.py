@@ -302,10 +302,14 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
                          callbacks=callbacks(search.n_trials()), resume=resume)
 
     def run_round(configs: list[dict], name: str) -> list[dict]:
-        """A later round of the search: its configs as trials, added to the sweep's results."""
+        """A later round of the search: its configs as trials, added to the sweep's results. A row of
+        a candidate measured before replaces the earlier one (its results store was continued, so
+        the new row holds every chunk the old one did, and more)."""
         more = run_trials(trainable, search=search, cluster=cfg.cluster, storage_path=output_dir / "ray_results",
                           n_chunks=len(ev), min_chunks=cfg.metrics.min_chunks, configs=configs, name=name,
                           callbacks=callbacks(len(configs)), resume=resume)
+        newer = {r.get("label") for r in more.rows}
+        outcome.rows[:] = [r for r in outcome.rows if r.get("label") not in newer]
         outcome.rows.extend(more.rows)
         outcome.history.extend(more.history)
         outcome.errors.extend(more.errors)

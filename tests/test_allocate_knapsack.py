@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from ggufopt_ray.allocate.knapsack import best_under, pareto_frontier, spread
+from ggufopt_ray.allocate.knapsack import best_under, cells_of_best, pareto_frontier, spread
 from ggufopt_ray.errors import UserError
 
 
@@ -103,3 +103,22 @@ def test_bad_tables_are_refused():
         pareto_frontier([[1, 2]], [[np.nan, np.inf]])
     with pytest.raises(UserError, match="same"):
         pareto_frontier([[1, 2]], [[1.0]])
+
+
+def test_cells_of_best_are_those_the_brute_force_best_mixes_change():
+    """With continuous values (no ties), the best mix under each budget is unique; the cells it
+    changes from the reference mix are what a refinement must measure better."""
+    rng = np.random.default_rng(11)
+    for _ in range(40):
+        nb, val = random_instance(rng, integer=False)
+        G, T = nb.shape
+        ref = np.array([int(np.flatnonzero(np.isfinite(val[g]))[0]) for g in range(G)])
+        points = enumerate_all(nb, val, fixed=5)
+        budgets = sorted(int(x) for x in rng.integers(5, 5 + 40 * G, size=3))
+        want = set()
+        for b in budgets:
+            fits = [p for p in points if p[0] <= b]
+            if fits:
+                _, _, choice = min(fits, key=lambda p: (p[1], p[0]))
+                want |= {(g, t) for g, t in enumerate(choice) if t != ref[g]}
+        assert cells_of_best(pareto_frontier(nb, val, fixed_bytes=5), budgets, ref) == want

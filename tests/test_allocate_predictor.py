@@ -111,3 +111,42 @@ def test_compare_reports_rank_correlation_and_relative_errors():
     assert r.median_abs_rel_error == pytest.approx(np.median(np.abs(rel)))
     assert r.max_abs_rel_error == pytest.approx(0.25) and r.mean_rel_error == pytest.approx(rel.mean())
     assert math.isnan(compare([1.0, 2.0], [1.0, 2.0]).spearman)
+
+
+def test_link_scales_add_as_their_closed_forms():
+    """λ = 0: relative changes multiply; λ = 1/2: square roots of KLDs add; λ = 1: KLDs add."""
+    table, delta = table_of(G=5, seed=4)
+    k_ref = table.reference_kld
+    idx = np.array([0, 1, 3, 2, 0])
+    k = [k_ref + delta[g, t] for g, t in enumerate(idx)]  # each single's KLD (Q8_0 = the reference)
+    product = k_ref * np.prod([kg / k_ref for kg in k])
+    roots = (math.sqrt(k_ref) + sum(math.sqrt(kg) - math.sqrt(k_ref) for kg in k)) ** 2
+    plain = k_ref + sum(kg - k_ref for kg in k)
+    assert Correction(link_power=0.0).predict(table, idx) == pytest.approx(product, rel=1e-12)
+    assert Correction(link_power=0.5).predict(table, idx) == pytest.approx(roots, rel=1e-12)
+    assert Correction(link_power=1.0).predict(table, idx) == pytest.approx(plain, rel=1e-12)
+    # each scale's knapsack table is 0 at the reference and keeps the order of the singles
+    for power in (0.0, 0.5):
+        d = Correction(link_power=power).delta_table(table)
+        assert np.all(d[:, 3] == 0.0) and np.all(np.diff(d[:, :3], axis=1) < 0)
+
+
+@pytest.mark.parametrize("truth_power", [0.0, 1.0])
+def test_fit_picks_the_scale_the_measurements_follow(truth_power):
+    table, delta = table_of(G=6, seed=5)
+    rng = np.random.default_rng(6)
+    mixes = rng.integers(0, 4, size=(40, 6))
+    k_ref = table.reference_kld
+    singles = k_ref + delta[np.arange(6), mixes]  # [N, G]
+    if truth_power == 0.0:
+        truth = k_ref * np.prod(singles / k_ref, axis=1)
+    else:
+        truth = k_ref + (singles - k_ref).sum(axis=1)
+    measured = truth * np.exp(0.01 * rng.standard_normal(len(truth)))
+    c = fit_correction(table, mixes, measured, link_powers=(0.5, 1.0, 0.0))
+    assert c.link_power == truth_power
+    assert compare(c.predict(table, mixes), truth).median_abs_rel_error < 0.02
+    few = fit_correction(table, mixes[:3], measured[:3], link_powers=(0.5, 1.0, 0.0))
+    assert few.link_power == 0.5  # too few mixes to choose: the first scale
+    with pytest.raises(UserError, match="link powers"):
+        fit_correction(table, mixes, measured, link_powers=(2.0,))

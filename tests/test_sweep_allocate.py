@@ -81,3 +81,60 @@ def test_allocation_recommends_the_best_measured_file_per_size(ray_local, tmp_pa
                 assert v == pytest.approx(float(np.mean(np.asarray(f["kld"][()], np.float64))), rel=1e-9)
     base = next(r for r in result.rows if r["label"] == "Q4_K_M")
     assert notes["reference_kld"] == pytest.approx(np.mean(list(json.loads(base["chunk_kld"]).values())), rel=1e-12)
+
+
+@pytest.mark.slow
+def test_refinement_measures_the_cells_of_the_predicted_best_mixes_on_every_chunk(ray_local, tmp_path):
+    """With racing, singles stop after a few chunks; before the loop, the cells the predicted best
+    mix of each size class uses are measured again on every chunk, until the best mixes use no
+    other. Checked here by brute force over every mix, from the rows' own per-chunk KLDs."""
+    import itertools
+
+    import numpy as np
+
+    from ggufopt_ray.searches.allocate import KEEP, BaseTable
+    from ggufopt_ray.sweep import run_sweep
+
+    cfg = small_sweep_config(tmp_path / "cache", name="allocate", types=["Q3_K", "Q8_0"], n_bands=1,
+                             max_measurements=2, refine_rounds=6)
+    cfg.dataset.eval_chunks = 8
+    cfg.metrics.early_stopping, cfg.metrics.min_chunks = True, 2
+    result = run_sweep(cfg, tmp_path / "out", log=lambda *a: None)
+    assert not result.errors, result.errors
+    labels = [r["label"] for r in result.rows]
+    assert len(labels) == len(set(labels))  # a refined single replaced its earlier row
+    notes = json.loads((tmp_path / "out" / "sweep.json").read_text())["search"]["allocate"]
+    chunks = {r["label"]: {int(k): v for k, v in json.loads(r["chunk_kld"]).items()} for r in result.rows}
+    singles = [lab for lab in labels if lab.startswith("Q4_K_M[")]
+    assert any(len(chunks[lab]) < 8 for lab in singles)  # racing stopped some singles early
+    refined = [f"Q4_K_M[{g}={t}]" for g, t in notes["refined"]["Q4_K_M"]]
+    assert refined and all(sorted(chunks[lab]) == list(range(8)) for lab in refined)
+
+    ref = chunks["Q4_K_M"]
+    k_ref = float(np.mean(np.array(list(ref.values()), np.float64)))
+    table = BaseTable.build(json.loads((tmp_path / "out" / "sweep.json").read_text())["provenance"]["model"],
+                            "Q4_K_M", ["Q3_K", "Q8_0"], 2, 1)
+    columns = [KEEP, "Q3_K", "Q8_0"]
+    root = np.full(table.nbytes.shape, np.nan)  # sqrt of each cell's paired KLD (λ = 1/2)
+    for gi, g in enumerate(table.groups):
+        for ti, t in enumerate(columns):
+            if t == KEEP or (g.name, t) in table.same_as_base:
+                root[gi, ti] = math.sqrt(k_ref)
+                continue
+            c = chunks[f"Q4_K_M[{g.name}={t}]"]
+            shared = sorted(i for i in c if i in ref)
+            ratio = np.sum([c[i] for i in shared], dtype=np.float64) / np.sum([ref[i] for i in shared], dtype=np.float64)
+            root[gi, ti] = math.sqrt(k_ref * ratio)
+    G = len(table.groups)
+    mixes = np.array(list(itertools.product(range(3), repeat=G)))
+    size = table.fixed_bytes + table.nbytes[np.arange(G), mixes].sum(axis=1)
+    value = (root[np.arange(G), mixes] - math.sqrt(k_ref)).sum(axis=1)
+    for sc in notes["size_classes"]:
+        fits = np.flatnonzero(size <= sc["max_bytes"])
+        if not len(fits):
+            continue
+        best = mixes[fits[np.argmin(value[fits])]]
+        for gi, ti in enumerate(best):
+            g, t = table.groups[gi].name, columns[ti]
+            if t != KEEP and (g, t) not in table.same_as_base:
+                assert sorted(chunks[f"Q4_K_M[{g}={t}]"]) == list(range(8)), (sc["name"], g, t)

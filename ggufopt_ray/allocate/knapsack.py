@@ -137,3 +137,15 @@ def spread(frontier: Frontier, n: int, lo: int | None = None, hi: int | None = N
     targets = np.linspace(lo, hi, n)
     idx = np.clip(np.searchsorted(frontier.nbytes, targets, side="right") - 1, 0, len(frontier) - 1)
     return list(dict.fromkeys(int(i) for i in idx))
+
+
+def cells_of_best(frontier: Frontier, budgets, reference) -> set[tuple[int, int]]:
+    """``(group, type)`` index pairs in which the best mix under some budget differs from the
+    ``reference`` mix (type indices [G]): the cells whose values decide those mixes."""
+    out: set[tuple[int, int]] = set()
+    ref = np.asarray(reference)
+    for b in budgets:
+        point = best_under(frontier, int(b))
+        if point is not None:
+            out.update((int(g), int(point.choice[g])) for g in np.flatnonzero(point.choice != ref))
+    return out

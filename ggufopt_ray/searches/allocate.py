@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from ggufopt_ray.allocate.groups import KEEP, build_groups, overrides_for
+from ggufopt_ray.allocate.knapsack import cells_of_best, pareto_frontier
 from ggufopt_ray.allocate.loop import allocate_loop
 from ggufopt_ray.allocate.paired import chunk_means, paired_mean, reference_mean
-from ggufopt_ray.allocate.predictor import MixTable, compare
+from ggufopt_ray.allocate.predictor import Correction, MixTable, compare
 from ggufopt_ray.allocate.recommend import (Candidate, SizeClass, llama_quantize_command, model_card_table,
                                             recommend, tensor_type_file_text)
 from ggufopt_ray.candidates import Recipe
@@ -61,6 +62,13 @@ class AllocateConfig(SearchConfig):
     # default: on tinycode-a it cost ~70% more evaluated chunks without a better frontier.
     local_bases: bool = False
     local_steps: int = 1
+    # refine_rounds: before the loop, the singles that the predicted best mix of each size class
+    # uses are measured again on every chunk (racing had stopped them after a few), and the
+    # knapsack solved again; up to this many times, while it picks cells not yet on every chunk.
+    refine_rounds: int = 2
+    # link_powers: the Box-Cox scales on which single-group changes may add (allocate/predictor.py);
+    # the first until enough mixes are measured, then the one that fits them best.
+    link_powers: list[float] = field(default_factory=lambda: [0.5, 1.0, 0.0])
 
 
 @dataclass
@@ -137,9 +145,12 @@ class Allocate(Search):
             _size_spec(s)
         if not 0 <= c.size_tolerance < 0.2:
             raise UserError(f"search.size_tolerance must be in [0, 0.2), not {c.size_tolerance}")
-        if c.n_bands < 1 or c.max_measurements < 0 or c.per_round < 0 or c.local_steps < 1:
-            raise UserError("search.n_bands and search.local_steps must be >= 1, search.max_measurements and "
-                            "search.per_round >= 0")
+        if c.n_bands < 1 or c.max_measurements < 0 or c.per_round < 0 or c.local_steps < 1 or c.refine_rounds < 0:
+            raise UserError("search.n_bands and search.local_steps must be >= 1, search.max_measurements, "
+                            "search.per_round and search.refine_rounds >= 0")
+        if not c.link_powers or any(not 0.0 <= float(x) <= 1.0 for x in c.link_powers):
+            raise UserError(f"search.link_powers must list numbers in [0, 1] (1: KLDs add, 0: log KLDs add), "
+                            f"not {list(c.link_powers)}")
 
     # -- preparation -----------------------------------------------------------------------------
     def prepare(self, facts, log=print):
@@ -148,6 +159,7 @@ class Allocate(Search):
         if c.imatrix and facts.n_calib < 1:
             raise UserError("search.imatrix=true needs calibration chunks; set dataset.calib_chunks > 0")
         self.types = [resolve_tensor_type(t)[0] for t in c.types]
+        self.link_powers = tuple(float(x) for x in c.link_powers)
         self.columns = [KEEP] + self.types
         primary = BaseTable.build(facts.model_path, c.base_type, self.types, facts.n_layer, c.n_bands)
         self.groups, self.sizer = primary.groups, primary.sizer
@@ -214,7 +226,7 @@ class Allocate(Search):
             raise UserError(f"search=allocate cannot run a trial config of kind {kind!r}")
         recipe = Recipe(kind="quant", ftype=base, overrides=tuple(overrides_for(self.groups, choice)),
                         imatrix_chunks=imx)
-        return TrialPlan(recipe, name, name)
+        return TrialPlan(recipe, name, name, every_chunk=bool(config.get("every_chunk")))
 
     def bits_per_weight(self, choice: dict, base: str | None = None) -> float:
         table = self.bases[base or self.cfg.base_type]
@@ -232,7 +244,7 @@ class Allocate(Search):
         by_label = {r["label"]: r for r in rows if "label" in r}
         every_row = list(rows)
         counter = [0]
-        summaries = {}
+        summaries, refined = {}, {}
 
         def stock_label(ftype: str) -> str:
             return Recipe(kind="quant", ftype=ftype, imatrix_chunks=self._imatrix_chunks()).label()
@@ -251,16 +263,20 @@ class Allocate(Search):
                 continue
             reference = chunk_means(by_label[base_label])
             ref_kld = reference_mean(reference) if reference else measured_mean(by_label[base_label])
-            singles = {}
-            for g, t in bt.same_as_base:
-                if t in bt.allowed[g]:
-                    singles[(g, t)] = ref_kld
-            for g, t in bt.singles():
-                kld = paired_kld(by_label.get(f"{base}[{g}={t}]"), reference)
-                if math.isfinite(kld):
-                    singles[(g, t)] = kld
-            table = MixTable.from_measurements([g.name for g in self.groups], self.columns, bt.nbytes,
-                                               {g.name: KEEP for g in self.groups}, ref_kld, singles, bt.fixed_bytes)
+            table = self._table(bt, by_label, reference, ref_kld)
+            for rnd in range(1, c.refine_rounds + 1):
+                todo = self._cells_to_refine(table, bt, budgets, by_label, len(reference))
+                if not todo:
+                    break
+                log(f"allocate refine {rnd} ({base}): {len(todo)} single-group candidates the predicted frontier "
+                    f"uses at the size classes, now on every chunk")
+                refined.setdefault(base, []).extend([g, t] for g, t in todo)
+                more = run_round([{"kind": "single", "base": base, "group": g, "type": t, "every_chunk": True}
+                                  for g, t in todo], f"allocate-refine-{base}-{rnd}")
+                newer = {r["label"] for r in more if "label" in r}
+                every_row[:] = [r for r in every_row if r.get("label") not in newer] + list(more)
+                by_label.update({r["label"]: r for r in more if "label" in r})
+                table = self._table(bt, by_label, reference, ref_kld)
 
             def measure_batch(mixes: list[dict], base=base, reference=reference) -> list[float]:
                 counter[0] += 1
@@ -274,10 +290,38 @@ class Allocate(Search):
                 return [paired_kld(got.get(cfg["mix"]), reference) for cfg in configs]
 
             result = allocate_loop(table, budgets, measure_batch=measure_batch, max_measurements=c.max_measurements,
-                                   per_round=c.per_round or None)
+                                   per_round=c.per_round or None, fit_options={"link_powers": self.link_powers})
             summaries[base] = (result, table)
         self.notes["allocate"].update(self._summary(summaries))
+        self.notes["allocate"]["refined"] = refined
         self._recommend(every_row, output_dir, log, primary_chunks)
+
+    def _table(self, bt: BaseTable, by_label: dict, reference: dict, ref_kld: float) -> MixTable:
+        """The base's (group, type) table from its singles' rows, each paired with the reference."""
+        singles = {}
+        for g, t in bt.same_as_base:
+            if t in bt.allowed[g]:
+                singles[(g, t)] = ref_kld
+        for g, t in bt.singles():
+            kld = paired_kld(by_label.get(f"{bt.base}[{g}={t}]"), reference)
+            if math.isfinite(kld):
+                singles[(g, t)] = kld
+        return MixTable.from_measurements([g.name for g in self.groups], self.columns, bt.nbytes,
+                                          {g.name: KEEP for g in self.groups}, ref_kld, singles, bt.fixed_bytes)
+
+    def _cells_to_refine(self, table: MixTable, bt: BaseTable, budgets: list[int], by_label: dict,
+                         n_chunks: int) -> list[tuple[str, str]]:
+        """The measured cells the predicted best mix under each budget changes, that are not yet on
+        every chunk. Why: a single stopped after a few chunks is noisy, and the knapsack picks
+        exactly the cells whose noise made them look best (a winner's curse: on tinycode-a with 30
+        groups, over half of the singles were within 2 standard errors of no change)."""
+        frontier = pareto_frontier(table.nbytes, Correction(link_power=self.link_powers[0]).delta_table(table),
+                                   table.fixed_bytes)
+        cells = {(table.groups[g], table.types[t]) for g, t in cells_of_best(frontier, budgets, table.reference_index())}
+        order = {cell: i for i, cell in enumerate(bt.singles())}
+        return sorted((cell for cell in cells if cell in order
+                       and len(chunk_means(by_label.get(f"{bt.base}[{cell[0]}={cell[1]}]", {}))) < n_chunks),
+                      key=order.get)
 
     def _summary(self, summaries: dict) -> dict:
         """Every base's loop, and predicted vs measured over all of them (out of sample)."""
@@ -287,7 +331,7 @@ class Allocate(Search):
             f = result.frontier
             keep = np.unique(np.linspace(0, len(f) - 1, num=min(len(f), 300)).astype(int)) if len(f) else []
             points = [{"bytes": int(f.nbytes[i]), "bits_per_weight": 8.0 * int(f.nbytes[i]) / self.sizer.n_params,
-                       "predicted_kld": float(f.value[i] + table.reference_kld), "base": base} for i in keep]
+                       "predicted_kld": float(result.correction.transform(f.value[i], table.reference_kld)), "base": base} for i in keep]
             frontier += points
             rows = [{"mix": m.mix, "bytes": m.nbytes, "bits_per_weight": 8.0 * m.nbytes / self.sizer.n_params,
                      "predicted": m.predicted, "predicted_additive": m.predicted_additive, "base": base,
