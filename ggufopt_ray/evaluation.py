@@ -15,19 +15,19 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ggufopt_ray.config import MetricsConfig
+from ggufopt_ray.metrics.encodings import get_encoding
+from ggufopt_ray.metrics.kld import log_softmax
+from ggufopt_ray.metrics.racing import RacingConfig
+from ggufopt_ray.metrics.stats import summarize_chunks
+from ggufopt_ray.metrics.stopping import StoppingRule
 
 
 def encoding_params(name: str) -> dict:
-    from ggufopt_ray.metrics.encodings import get_encoding
-
     return dict(get_encoding(name).params())
 
 
 def baseline_payload(engine, tokens: np.ndarray, encoding: str, first: int) -> dict:
     """Encoded baseline log-probabilities of the scored rows of one chunk."""
-    from ggufopt_ray.metrics.encodings import get_encoding
-    from ggufopt_ray.metrics.kld import log_softmax
-
     tokens = np.asarray(tokens)
     # Only rows first..n-1 are computed (the engine marks just those as outputs); the last one
     # predicts nothing. The rows are ours, so the log-softmax overwrites them in place.
@@ -51,8 +51,6 @@ def baseline_payloads(engine, chunks: Sequence[np.ndarray], encoding: str, first
     into its own row-block pass (``encode_logits``) on the engine's threads, which are idle
     between decodes. Row ``j`` predicts token ``j + 1``, so the last row is not scored.
     """
-    from ggufopt_ray.metrics.encodings import get_encoding
-
     enc = get_encoding(encoding)
     threads = engine_threads(engine)
     chunks = [np.asarray(c) for c in chunks]
@@ -74,8 +72,6 @@ def engine_threads(engine) -> int:
 def compare_logits(rows: np.ndarray, tokens: np.ndarray, payload: dict, encoding: str, first: int,
                    threads: int = 1) -> dict:
     """Per-token metrics of candidate logit rows (the scored rows) against a baseline payload."""
-    from ggufopt_ray.metrics.encodings import get_encoding
-
     targets = np.asarray(tokens)[first + 1:]
     return get_encoding(encoding).compare(payload, rows, targets, threads=threads).to_arrays()
 
@@ -91,16 +87,12 @@ def compare_chunk(engine, tokens: np.ndarray, payload: dict, encoding: str, firs
     rows = engine.logits(tokens, first=first)[:-1]  # the scored rows only; see baseline_payload
     out = compare_logits(rows, tokens, payload, encoding, first, threads=engine_threads(engine))
     if keep_logprobs:
-        from ggufopt_ray.metrics.kld import log_softmax
-
-        out["candidate_logprobs"] = log_softmax(rows, out=rows)  # rows are not needed any more
+            out["candidate_logprobs"] = log_softmax(rows, out=rows)  # rows are not needed any more
     return out
 
 
 def summarize_run(per_chunk: list[dict], confidence: float = 0.95, n_boot: int = 1000):
     """RunSummary (overall + per chunk + chunk-level intervals) of the chunks evaluated so far."""
-    from ggufopt_ray.metrics.stats import summarize_chunks
-
     return summarize_chunks(per_chunk, confidence=confidence, n_boot=n_boot)
 
 
@@ -115,8 +107,6 @@ def summarize(per_chunk: list[dict], n_boot: int = 1000) -> dict:
 def racing_config(cfg: MetricsConfig, n_chunks: int, n_candidates: int):
     """The racing rule of a sweep with ``n_chunks`` evaluation chunks and up to ``n_candidates``
     (None when racing is off, or with under 3 chunks, too few for a paired decision)."""
-    from ggufopt_ray.metrics.racing import RacingConfig
-
     cap = min(n_chunks, cfg.max_chunks or n_chunks)
     if not (cfg.early_stopping and cfg.racing) or cap < 3:
         return None
@@ -130,8 +120,6 @@ def stop_decision(per_chunk: list[dict], cfg: MetricsConfig) -> tuple[bool, str]
     """Whether the target statistic is known well enough to stop, and why."""
     if not cfg.early_stopping:
         return False, "all_chunks"
-    from ggufopt_ray.metrics.stopping import StoppingRule
-
     rule = StoppingRule(target=cfg.target, confidence=cfg.confidence, margin=cfg.margin,
                         min_chunks=cfg.min_chunks)
     decision = rule.decide([c["kld"] for c in per_chunk])

@@ -109,6 +109,9 @@ def test_refinement_measures_the_cells_of_the_predicted_best_mixes_on_every_chun
     assert any(len(chunks[lab]) < 8 for lab in singles)  # racing stopped some singles early
     refined = [f"Q4_K_M[{g}={t}]" for g, t in notes["refined"]["Q4_K_M"]]
     assert refined and all(sorted(chunks[lab]) == list(range(8)) for lab in refined)
+    correction = notes["per_base"]["Q4_K_M"]["correction"]
+    # the loop measured mixes (and the given reference), and chose one of the configured scales
+    assert correction["mixes"] == 1 + sum("-mix" in lab for lab in labels) and correction["link_power"] in (0.5, 1, 0)
 
     ref = chunks["Q4_K_M"]
     k_ref = float(np.mean(np.array(list(ref.values()), np.float64)))

@@ -11,15 +11,18 @@ the logit perturbation, so the variances, hence the KLDs, add. Sizes are exactly
 which every group is named gives each tensor that group's type, so its bytes are
 ``fixed_bytes + Σ_g nbytes[g, m_g]`` (``fixed_bytes``: norms and other tensors no group owns).
 
-**The scale on which changes add.** Summed as KLDs, single-group changes overshoot: on
-tinycode-a (vocabulary 8,192; 30 groups; every single measured on all 16 chunks) the predicted
-KLDs of 16 measured mixes were 35% too low on average, and the knapsack, which looks for exactly
-the sums that overshoot most, predicted a Q5_K_M-sized mix at 0.23x stock that measured 0.96x.
-Summed as *relative* changes (``log KLD``) the same predictions were 8% low. So the table can be
-read on a Box-Cox scale ``φ(K) = (K^λ - 1)/λ`` (``λ = 0``: ``log K``; ``λ = 1``: the plain
-KLD): ``φ(K(m)) = φ(K_ref) + Σ_g [φ(K_ref + Δ[g, m_g]) - φ(K_ref)]``. Any λ keeps the sum
-additive over groups, so the knapsack stays exact; :func:`fit_correction` picks λ from
-``link_powers`` by how well each fits the measured mixes.
+**The scale on which changes add.** Summed as KLDs, single-group changes can overshoot: the
+improvements of many groups, each measured with all the others still degraded, sum to more
+than the total. On tinycode-a (vocabulary 8,192, Q4_K_M base with an importance matrix, every
+single measured on all 16 chunks) the plain sums predicted 16 measured mixes of 30 groups 35%
+too low on average (the 30 groups' best single improvements summed to 1.1x the reference's
+whole KLD); summed as log KLDs they were 8% low. With 16 coarser groups the plain sums were 8%
+low, square roots of KLDs 1% low, logs 4% high. Physically: KLD is a quadratic form in the logit
+perturbation, so independent perturbations add as KLDs, and perfectly aligned ones as square
+roots of KLDs. So the table is read on a Box-Cox scale ``φ(K) = (K^λ - 1)/λ`` (``λ = 0``:
+``log K``; ``λ = 1``: the plain KLD): ``φ(K(m)) = φ(K_ref) + Σ_g [φ(K_ref + Δ[g, m_g]) -
+φ(K_ref)]``. Any λ keeps the sum additive over groups, so the knapsack stays exact;
+:func:`fit_correction` picks λ from ``link_powers`` by how well each fits the measured mixes.
 
 **Interactions, and how they are modelled.** Real mixes deviate from additivity in two ways:
 errors compound through the layers, so many degraded groups together cost more than the sum of
@@ -32,10 +35,10 @@ per group::
 
 with ``Δφ[g, t] = φ(K_ref + Δ[g, t]) - φ(K_ref)`` (with λ = 1 simply ``P(m) = K_ref + Σ_g s_g Δ[g, m_g]``),
 fitted in log space (relative errors, since KLDs span decades) to the measured mixes, with ridge
-penalties that pull ``u_g`` to 0 and ``b`` to 1: with no measured mix it is the additive model,
+penalties that pull ``u_g`` to 0 and ``b`` to 1: with no measured mix it is the additive model (on scale λ),
 with one or two it only rescales (``a``), from three on it bends (``b``), and from
 ``min_points_for_groups`` on it moves the group scales, each only as far as the measurements
-that involve that group support. The per-group part keeps the objective additive (``s_g·Δ`` is a
+that involve that group support. The per-group part keeps the objective additive (``s_g·Δφ`` is a
 new table), so the knapsack still solves it exactly; the power law is monotone (``b > 0``) and so
 never changes which mix is best at a given size -- it makes the reported numbers right.
 """

@@ -42,6 +42,7 @@ from ggufopt_ray.mixes import MixSizer
 from ggufopt_ray.searches.base import Search, TrialPlan, check_quant_types, register_search
 
 _NOT_QUANTIZED = {"F32", "F16", "BF16"}
+_SCALES = {1.0: "KLDs", 0.5: "square roots of KLDs", 0.0: "log KLDs"}  # link power -> what adds
 _NEEDS_DATA = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"}  # per-tensor importance data required
 
 
@@ -338,6 +339,8 @@ class Allocate(Search):
                      "measured": m.measured, "round": m.round, "why": m.reason} for m in result.measurements]
             out["per_base"][base] = {
                 "stop_reason": result.stop_reason, "reference_kld": table.reference_kld,
+                "correction": {"link_power": result.correction.link_power, "exponent": result.correction.exponent,
+                               "log_scale": result.correction.log_scale, "mixes": result.correction.n_points},
                 "spearman_predicted_vs_measured": result.overall.spearman, "prediction": result.overall.to_dict(),
                 "rounds": [{"round": r.round, "measured": r.n_new, "improved": r.improved,
                             "vs_measured": r.vs_measured.to_dict()} for r in result.rounds]}
@@ -356,6 +359,22 @@ class Allocate(Search):
             "predicted_frontier": sorted(frontier, key=lambda p: p["bytes"]),
         })
         return out
+
+    def summary_lines(self, notes: dict) -> list[str]:
+        """How well the predictor did, and on which scale the single-group changes were found to add."""
+        a = notes.get("allocate") or {}
+        p, add = a.get("prediction") or {}, a.get("prediction_additive") or {}
+        if not p.get("n"):
+            return []
+        lines = [f"allocate predicted vs measured over {p['n']} mixes: Spearman {p['spearman']:.2f}, median "
+                 f"relative error {p['median_abs_rel_error']:.1%} (plain sum of the singles: "
+                 f"{add.get('median_abs_rel_error', math.nan):.1%})"]
+        for base, b in (a.get("per_base") or {}).items():
+            c = b.get("correction") or {}
+            if "link_power" in c:
+                lines.append(f"allocate {base}: single-group changes add as {_SCALES.get(c['link_power'], 'Box-Cox')} "
+                             f"(link power {c['link_power']:g}), exponent {c['exponent']:.2f}; {b['stop_reason']}")
+        return lines
 
     def _recommend(self, rows, output_dir, log, reference: dict | None = None) -> None:
         """Per size class the best measured candidate that fits, with its recipe files; means on
