@@ -4,7 +4,8 @@
 
 One sweep with ``search=allocate`` on the trained model in ../shared/models (``--quick``: a
 4-layer synthetic model on the built-in corpus) measures every tensor group's sensitivity, solves
-the knapsack for the sizes of Q3_K_M, Q4_K_M and Q5_K_M (each within +0.5%) and measures the
+the knapsack for the sizes of Q3_K_M, Q4_K_M and Q5_K_M (each within +0.5%), measures the groups
+the predicted best mixes change again on every chunk (``--refine-rounds``) and measures the
 predicted frontier. Then every recommended mix and every stock type is evaluated on *all* the
 evaluation chunks (the sweep's early stopping may have left some with fewer; the results stores
 are continued, nothing is recomputed), so the ratios compare equal data. ``vs_tpe`` runs the
