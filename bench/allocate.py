@@ -55,19 +55,29 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a 4-layer synthetic model, few chunks (~2-4 min)")
     ap.add_argument("--json", help="write the figures to this JSON file")
-    ap.add_argument("--types", help="tensor types a group may take, comma-separated (default: the search's)")
-    ap.add_argument("--bands", type=int, default=2, help="bands of consecutive layers per tensor kind "
-                    "(search.n_bands; default 2)")
-    ap.add_argument("--local-bases", action="store_true", help="also allocate each size class around its own stock "
-                    "type (search.local_bases=true)")
+    ap.add_argument("--types", help="tensor types a group may take, comma-separated (default: Q2_K..Q8_0 with "
+                    "IQ4_XS on the trained model with an importance matrix, else the search's)")
+    ap.add_argument("--bands", type=int, default=None, help="bands of consecutive layers per tensor kind "
+                    "(search.n_bands; default 4, with --quick 2)")
+    ap.add_argument("--local-bases", action=argparse.BooleanOptionalAction, default=None,
+                    help="also allocate each size class around its own stock type (search.local_bases; default on, "
+                    "off with --quick)")
     ap.add_argument("--local-steps", type=int, default=1, help="with --local-bases: neighbouring types measured per "
                     "group on each size class's own stock type (default 1)")
     ap.add_argument("--refine-rounds", type=int, default=2, help="times the singles the predicted best mixes use "
                     "are measured again on every chunk before the loop (search.refine_rounds; default 2)")
-    ap.add_argument("--imatrix", action="store_true", help="every candidate, the stock types too, with an importance "
-                    "matrix of --calib-chunks calibration chunks (lets --types include IQ4_XS and other IQ types)")
+    ap.add_argument("--confirm", type=int, default=3, help="the best this many measured files per size class are "
+                    "measured on every chunk before the recommendation (search.confirm; default 3)")
+    ap.add_argument("--imatrix", action=argparse.BooleanOptionalAction, default=None,
+                    help="every candidate, the stock types too, with an importance matrix of --calib-chunks "
+                    "calibration chunks, as publishers quantize (lets --types include IQ4_XS and other IQ types; "
+                    "default on, off with --quick)")
     ap.add_argument("--calib-chunks", type=int, default=None, help="calibration chunks (default 1, 8 with --imatrix)")
     args = ap.parse_args(argv)
+    quick = args.quick or not (SHARED / "tinycode-a-f16.gguf").exists()
+    args.bands = args.bands if args.bands is not None else (2 if quick else 4)
+    args.local_bases = args.local_bases if args.local_bases is not None else not quick
+    args.imatrix = args.imatrix if args.imatrix is not None else not quick
 
     from ggufopt_ray.candidates import Recipe
     from ggufopt_ray.config import SweepConfig
@@ -81,7 +91,7 @@ def main(argv=None) -> int:
     cfg.cache_dir = str(work / "cache")
     cfg.cluster.num_cpus, cfg.cluster.dashboard = 2, False
     model_name = "synthetic 4-layer (vocab 1024)"
-    if args.quick or not (SHARED / "tinycode-a-f16.gguf").exists():
+    if quick:
         if not args.quick:
             print(f"note: {SHARED / 'tinycode-a-f16.gguf'} not found; using the synthetic model", file=sys.stderr)
         cfg.model.path = str(write_synthetic_model(work / "synth4.gguf", SynthSpec(seed=1, n_layer=4)))
@@ -90,7 +100,7 @@ def main(argv=None) -> int:
         alloc = search_config("allocate", types=["Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"], sizes=SIZES,
                               n_bands=args.bands, max_measurements=8, imatrix=args.imatrix,
                               local_bases=args.local_bases, local_steps=args.local_steps,
-                              refine_rounds=args.refine_rounds)
+                              refine_rounds=args.refine_rounds, confirm=args.confirm)
     else:
         model_name = "tinycode-a-f16 (trained, vocab 8192)"
         cfg.model.path = str(SHARED / "tinycode-a-f16.gguf")
@@ -99,9 +109,11 @@ def main(argv=None) -> int:
         cfg.dataset.eval_chunks = 16
         alloc = search_config("allocate", sizes=SIZES, n_bands=args.bands, max_measurements=24,
                               imatrix=args.imatrix, local_bases=args.local_bases, local_steps=args.local_steps,
-                              refine_rounds=args.refine_rounds)
-        if args.types:
-            alloc.types = [t.strip() for t in args.types.split(",") if t.strip()]
+                              refine_rounds=args.refine_rounds, confirm=args.confirm)
+        if args.imatrix:
+            alloc.types = ["Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
+    if args.types:
+        alloc.types = [t.strip() for t in args.types.split(",") if t.strip()]
     cfg.dataset.calib_chunks = args.calib_chunks if args.calib_chunks is not None else (8 if args.imatrix else 1)
     cfg.search = alloc
     start_ray(cfg.cluster)
@@ -131,7 +143,7 @@ def main(argv=None) -> int:
     n_tpe = max(2, math.ceil(evaluated / cfg.dataset.eval_chunks))
     tpe_cfg = replace(cfg, search=search_config("quant_mix", mode="optuna", num_samples=n_tpe, base_type="Q4_K_M",
                                    target_bpw=round(q4["bits_per_weight"] * 1.005, 4),
-                                   mix_types=["Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"], imatrix=args.imatrix))
+                                   mix_types=list(alloc.types), imatrix=args.imatrix))
     t1 = time.perf_counter()
     tpe = run_sweep(tpe_cfg, work / "tpe", log=lambda m: print(m, file=sys.stderr))
     tpe_seconds = time.perf_counter() - t1
@@ -143,6 +155,9 @@ def main(argv=None) -> int:
 
     out = {
         "model": model_name, "eval_chunks": cfg.dataset.eval_chunks, "n_ctx": n_ctx,
+        "settings": {"types": list(alloc.types), "n_bands": alloc.n_bands, "local_bases": alloc.local_bases,
+                     "local_steps": alloc.local_steps, "imatrix": alloc.imatrix, "refine_rounds": alloc.refine_rounds,
+                     "confirm": alloc.confirm, "calib_chunks": cfg.dataset.calib_chunks},
         "kld_ratio_vs_stock": {**kld_ratio, "worst": max(kld_ratio.values()) if kld_ratio else None},
         "size_ratio_vs_stock": {**size_ratio, "worst": max(size_ratio.values()) if size_ratio else None},
         "spearman_predicted_vs_measured": notes.get("spearman_predicted_vs_measured"),

@@ -241,6 +241,8 @@ CASES = [
         ("mix-group", ["search=quant_mix", "search.mix_groups=[attn_z]"], r"unknown tensor group", None),
         ("mix-budget", ["search=quant_mix", "search.target_bpw=1.0"], r"search.target_bpw=1 is below the smallest mix", None),
         ("allocate-optuna", ["search=allocate", "search.mode=optuna"], r"use search.mode=grid", None),
+        ("allocate-link", ["search=allocate", "search.link_powers=[2]"],
+         r"search.link_powers must list numbers in \[0, 1\] \(1: KLDs add, 0: log KLDs add\), not \[2", None),
         ("calmix-iq-base", ["search=calibration_mix", "search.base_type=IQ2_XS"],
          r"no-imatrix reference is impossible; choose a K-quant", None),
         ("calmix-objective", ["search=calibration_mix", "search.language_objective=best"],

@@ -87,7 +87,8 @@ def test_allocation_recommends_the_best_measured_file_per_size(ray_local, tmp_pa
 def test_refinement_measures_the_cells_of_the_predicted_best_mixes_on_every_chunk(ray_local, tmp_path):
     """With racing, singles stop after a few chunks; before the loop, the cells the predicted best
     mix of each size class uses are measured again on every chunk, until the best mixes use no
-    other. Checked here by brute force over every mix, from the rows' own per-chunk KLDs."""
+    other. Checked here by brute force over every mix, from the rows' own per-chunk KLDs. The
+    files recommended at the end were measured on every chunk too."""
     import itertools
 
     import numpy as np
@@ -109,6 +110,9 @@ def test_refinement_measures_the_cells_of_the_predicted_best_mixes_on_every_chun
     assert any(len(chunks[lab]) < 8 for lab in singles)  # racing stopped some singles early
     refined = [f"Q4_K_M[{g}={t}]" for g, t in notes["refined"]["Q4_K_M"]]
     assert refined and all(sorted(chunks[lab]) == list(range(8)) for lab in refined)
+    # the recommended file of every size class was confirmed on every chunk before it was chosen
+    assert notes["recommendations"] and all(sorted(chunks[rec["label"]]) == list(range(8))
+                                            for rec in notes["recommendations"])
     correction = notes["per_base"]["Q4_K_M"]["correction"]
     # the loop measured mixes (and the given reference), and chose one of the configured scales
     assert correction["mixes"] == 1 + sum("-mix" in lab for lab in labels) and correction["link_power"] in (0.5, 1, 0)
