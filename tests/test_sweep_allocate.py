@@ -130,7 +130,8 @@ def test_refinement_measures_the_cells_of_the_predicted_best_mixes_on_every_chun
                 continue
             c = chunks[f"Q4_K_M[{g.name}={t}]"]
             shared = sorted(i for i in c if i in ref)
-            ratio = np.sum([c[i] for i in shared], dtype=np.float64) / np.sum([ref[i] for i in shared], dtype=np.float64)
+            ratio = (np.sum([c[i] for i in shared], dtype=np.float64)
+                     / np.sum([ref[i] for i in shared], dtype=np.float64))
             root[gi, ti] = math.sqrt(k_ref * ratio)
     G = len(table.groups)
     mixes = np.array(list(itertools.product(range(3), repeat=G)))

@@ -60,7 +60,8 @@ class AllocateConfig(SearchConfig):
     # local_bases: a size class named by a stock type (Q5_K_M) is also allocated around that type:
     # each group's neighbouring types (local_steps below and above) are measured on top of it, so
     # the prediction near that size is a local one, not an extrapolation from base_type. Off by
-    # default: on tinycode-a it cost ~70% more evaluated chunks without a better frontier.
+    # default for its cost: on tinycode-a (30 groups) ~70% more evaluated chunks, for a Q5_K_M-sized
+    # file at 0.82x stock's KLD where base_type alone found none better than stock.
     local_bases: bool = False
     local_steps: int = 1
     # refine_rounds: before the loop, the singles that the predicted best mix of each size class
@@ -279,8 +280,7 @@ class Allocate(Search):
                 refined.setdefault(base, []).extend([g, t] for g, t in todo)
                 more = run_round([{"kind": "single", "base": base, "group": g, "type": t, "every_chunk": True}
                                   for g, t in todo], f"allocate-refine-{base}-{rnd}")
-                newer = {r["label"] for r in more if "label" in r}
-                every_row[:] = [r for r in every_row if r.get("label") not in newer] + list(more)
+                every_row = superseded(every_row, more)
                 by_label.update({r["label"]: r for r in more if "label" in r})
                 table = self._table(bt, by_label, reference, ref_kld)
 
@@ -324,7 +324,8 @@ class Allocate(Search):
         groups, over half of the singles were within 2 standard errors of no change)."""
         frontier = pareto_frontier(table.nbytes, Correction(link_power=self.link_powers[0]).delta_table(table),
                                    table.fixed_bytes)
-        cells = {(table.groups[g], table.types[t]) for g, t in cells_of_best(frontier, budgets, table.reference_index())}
+        cells = {(table.groups[g], table.types[t])
+                 for g, t in cells_of_best(frontier, budgets, table.reference_index())}
         order = {cell: i for i, cell in enumerate(bt.singles())}
         return sorted((cell for cell in cells if cell in order
                        and len(chunk_means(by_label.get(f"{bt.base}[{cell[0]}={cell[1]}]", {}))) < n_chunks),
@@ -338,7 +339,8 @@ class Allocate(Search):
             f = result.frontier
             keep = np.unique(np.linspace(0, len(f) - 1, num=min(len(f), 300)).astype(int)) if len(f) else []
             points = [{"bytes": int(f.nbytes[i]), "bits_per_weight": 8.0 * int(f.nbytes[i]) / self.sizer.n_params,
-                       "predicted_kld": float(result.correction.transform(f.value[i], table.reference_kld)), "base": base} for i in keep]
+                       "predicted_kld": float(result.correction.transform(f.value[i], table.reference_kld)),
+                       "base": base} for i in keep]
             frontier += points
             rows = [{"mix": m.mix, "bytes": m.nbytes, "bits_per_weight": 8.0 * m.nbytes / self.sizer.n_params,
                      "predicted": m.predicted, "predicted_additive": m.predicted_additive, "base": base,
@@ -416,13 +418,12 @@ class Allocate(Search):
                     todo[cand.label] = row
         if not todo:
             return rows
-        log(f"allocate confirm: {len(todo)} of the best {self.cfg.confirm} measured files of each size class, "
+        log(f"allocate confirm: {len(todo)} files (the best {self.cfg.confirm} measured of each size class) "
             f"now on every chunk")
         more = run_round([{**{k[len("config."):]: v for k, v in row.items() if k.startswith("config.")},
                            "every_chunk": True} for row in todo.values()], "allocate-confirm")
-        newer = {r.get("label") for r in more}
         self.notes["allocate"]["confirmed"] = sorted(todo)
-        return [r for r in rows if r.get("label") not in newer] + list(more)
+        return superseded(rows, more)
 
     def _recommend(self, rows, output_dir, log, reference: dict | None = None) -> None:
         """Per size class the best measured candidate that fits, with its recipe files; means on
@@ -456,6 +457,13 @@ class Allocate(Search):
         (out / "model-card.md").write_text(card + "\n")
         self.notes["allocate"]["recommendations"] = listing
         self.notes["allocate"]["model_card"] = card
+
+
+def superseded(rows: list[dict], newer: list[dict]) -> list[dict]:
+    """``rows`` with each row of a label in ``newer`` replaced by the newer row (a candidate
+    measured again continued its results store, so its new row holds every chunk of the old)."""
+    labels = {r.get("label") for r in newer}
+    return [r for r in rows if r.get("label") not in labels] + list(newer)
 
 
 def measured_mean(row: dict) -> float:
