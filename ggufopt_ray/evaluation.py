@@ -87,7 +87,7 @@ def compare_chunk(engine, tokens: np.ndarray, payload: dict, encoding: str, firs
     rows = engine.logits(tokens, first=first)[:-1]  # the scored rows only; see baseline_payload
     out = compare_logits(rows, tokens, payload, encoding, first, threads=engine_threads(engine))
     if keep_logprobs:
-            out["candidate_logprobs"] = log_softmax(rows, out=rows)  # rows are not needed any more
+        out["candidate_logprobs"] = log_softmax(rows, out=rows)  # rows are not needed any more
     return out
 
 

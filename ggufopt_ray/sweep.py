@@ -23,6 +23,7 @@ from ggufopt_ray.errors import UserError
 from ggufopt_ray.run_dir import claim_run_dir
 from ggufopt_ray.store.locks import file_lock
 from ggufopt_ray.searches import Search, SearchFacts, make_search
+from ggufopt_ray.searches.base import superseded
 
 def default_cache_dir() -> Path:
     """The project cache root (``$GGUFOPT_CACHE_DIR`` or ``~/.cache/ggufopt_ray``); the corpus cache lives in it."""
@@ -302,15 +303,12 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
                          callbacks=callbacks(search.n_trials()), resume=resume)
 
     def run_round(configs: list[dict], name: str) -> list[dict]:
-        """A later round of the search: its configs as trials, added to the sweep's results. A row of
-        a candidate measured before replaces the earlier one (its results store was continued, so
-        the new row holds every chunk the old one did, and more)."""
+        """A later round of the search: its configs as trials, added to the sweep's results (a row of
+        a candidate measured before replaces the earlier one: ``searches.base.superseded``)."""
         more = run_trials(trainable, search=search, cluster=cfg.cluster, storage_path=output_dir / "ray_results",
                           n_chunks=len(ev), min_chunks=cfg.metrics.min_chunks, configs=configs, name=name,
                           callbacks=callbacks(len(configs)), resume=resume)
-        newer = {r.get("label") for r in more.rows}
-        outcome.rows[:] = [r for r in outcome.rows if r.get("label") not in newer]
-        outcome.rows.extend(more.rows)
+        outcome.rows[:] = superseded(outcome.rows, more.rows)
         outcome.history.extend(more.history)
         outcome.errors.extend(more.errors)
         return more.rows

@@ -151,6 +151,16 @@ def from_link(p, power: float, floor: float):
     return np.maximum(np.maximum(1.0 + power * p, 0.0) ** (1.0 / power), floor)
 
 
+def unlinked_sum(delta_sum, reference_kld: float, power: float):
+    """``φ⁻¹(φ(K_ref) + delta_sum)``: a sum of Δφ back to a KLD, never below the floor (at λ = 1
+    the plain ``K_ref + delta_sum``, without the round trip's rounding)."""
+    floor = _FLOOR * reference_kld
+    total = np.asarray(delta_sum, dtype=np.float64)
+    if power == 1:
+        return np.maximum(reference_kld + total, floor)
+    return from_link(to_link(reference_kld, power, floor) + total, power, floor)
+
+
 def linked_delta(table: MixTable, power: float) -> np.ndarray:
     """``Δφ[g, t] = φ(K_ref + Δ[g, t]) - φ(K_ref)`` (NaN stays NaN; exactly Δ at λ = 1)."""
     if power == 1:
@@ -179,13 +189,7 @@ class Correction:
 
     def transform(self, delta_sum, reference_kld: float):
         """A mix's sum over ``delta_table`` -> predicted KLD (monotone increasing in the sum)."""
-        floor = _FLOOR * reference_kld
-        total = np.asarray(delta_sum, dtype=np.float64)
-        if self.link_power == 1:  # the plain sum, without the round trip's rounding
-            p = np.maximum(reference_kld + total, floor)
-        else:
-            p = from_link(to_link(reference_kld, self.link_power, floor) + total, self.link_power, floor)
-        return np.exp(self.log_scale) * p ** self.exponent
+        return np.exp(self.log_scale) * unlinked_sum(delta_sum, reference_kld, self.link_power) ** self.exponent
 
     def predict(self, table: MixTable, idx):
         idx = np.asarray(idx)
@@ -216,39 +220,35 @@ def fit_correction(table: MixTable, mixes, measured, *, weights=None, ridge_grou
     powers = [float(x) for x in link_powers] or [1.0]
     if any(not 0.0 <= x <= 1.0 for x in powers):
         raise UserError(f"link powers must be in [0, 1], not {powers}")
-    n = len(measured)
-    if n < min_points_for_link:
-        powers = powers[:1]
-    fits = [_fit_one(table, mixes, measured, weights, power, ridge_groups, ridge_exponent, min_points_for_exponent,
-                     min_points_for_groups, exponent_bounds, max_abs_group_log_scale) for power in powers]
-    return min(fits, key=lambda f: f[1])[0]
-
-
-def _fit_one(table, mixes, measured, weights, power, ridge_groups, ridge_exponent, min_points_for_exponent,
-             min_points_for_groups, exponent_bounds, max_abs_group_log_scale) -> tuple[Correction, float]:
-    """:func:`fit_correction` at one link power: (the correction, its least-squares cost)."""
     idx = np.array([table.index(m) if isinstance(m, Mapping) else np.asarray(m) for m in mixes], dtype=np.int64)
     y = np.asarray(measured, dtype=np.float64)
     n = len(y)
     if n == 0:
-        return Correction(link_power=power), 0.0
+        return Correction(link_power=powers[0])
     if idx.shape != (n, len(table.groups)):
         raise UserError(f"mixes must be [N={n}, G={len(table.groups)}] type indices, got {idx.shape}")
     if not np.all(y > 0):
         raise UserError("measured KLDs must be positive to fit a correction in log space")
-    G = len(table.groups)
-    x = linked_delta(table, power)[np.arange(G), idx]  # [N, G] per-group Δφ of each measured mix
-    if not np.all(np.isfinite(x)):
+    if not np.all(np.isfinite(table.delta_kld[np.arange(len(table.groups)), idx])):
         raise UserError("a measured mix uses a (group, type) cell with no measured ΔKLD")
-    log_y = np.log(y)
     sw = np.ones(n) if weights is None else np.sqrt(np.asarray(weights, dtype=np.float64))
     if sw.shape != (n,) or not np.all(np.isfinite(sw)) or np.any(sw < 0):
         raise UserError(f"weights must be {n} non-negative numbers")
+    if n < min_points_for_link:
+        powers = powers[:1]
+    fits = [_fit_one(table, idx, np.log(y), sw, power, ridge_groups, ridge_exponent, min_points_for_exponent,
+                     min_points_for_groups, exponent_bounds, max_abs_group_log_scale) for power in powers]
+    return min(fits, key=lambda f: f[1])[0]
+
+
+def _fit_one(table, idx, log_y, sw, power, ridge_groups, ridge_exponent, min_points_for_exponent,
+             min_points_for_groups, exponent_bounds, max_abs_group_log_scale) -> tuple[Correction, float]:
+    """:func:`fit_correction` at one link power, on checked inputs: (the correction, its cost)."""
+    n, G = idx.shape
+    x = linked_delta(table, power)[np.arange(G), idx]  # [N, G] per-group Δφ of each measured mix
     free_b = n >= min_points_for_exponent
     # Only groups that some measured mix changed can be informed by the data.
     active = np.flatnonzero(np.any(x != 0.0, axis=0)) if n >= min_points_for_groups else np.array([], dtype=np.int64)
-    floor = _FLOOR * table.reference_kld
-    phi_ref = float(to_link(table.reference_kld, power, floor))
 
     def unpack(theta):
         a = theta[0]
@@ -259,8 +259,7 @@ def _fit_one(table, mixes, measured, weights, power, ridge_groups, ridge_exponen
 
     def residuals(theta):
         a, b, u = unpack(theta)
-        s = x @ np.exp(u)
-        p = np.maximum(table.reference_kld + s, floor) if power == 1 else from_link(phi_ref + s, power, floor)
+        p = unlinked_sum(x @ np.exp(u), table.reference_kld, power)
         r = sw * (a + b * np.log(p) - log_y)
         extra = [math.sqrt(ridge_groups) * u[active]]
         if free_b:

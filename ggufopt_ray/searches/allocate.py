@@ -39,7 +39,7 @@ from ggufopt_ray.config import SearchConfig
 from ggufopt_ray.engine.quantize import resolve_file_type, resolve_tensor_type
 from ggufopt_ray.errors import UserError
 from ggufopt_ray.mixes import MixSizer
-from ggufopt_ray.searches.base import Search, TrialPlan, check_quant_types, register_search
+from ggufopt_ray.searches.base import Search, TrialPlan, check_quant_types, register_search, superseded
 
 _NOT_QUANTIZED = {"F32", "F16", "BF16"}
 _SCALES = {1.0: "KLDs", 0.5: "square roots of KLDs", 0.0: "log KLDs"}  # link power -> what adds
@@ -457,13 +457,6 @@ class Allocate(Search):
         (out / "model-card.md").write_text(card + "\n")
         self.notes["allocate"]["recommendations"] = listing
         self.notes["allocate"]["model_card"] = card
-
-
-def superseded(rows: list[dict], newer: list[dict]) -> list[dict]:
-    """``rows`` with each row of a label in ``newer`` replaced by the newer row (a candidate
-    measured again continued its results store, so its new row holds every chunk of the old)."""
-    labels = {r.get("label") for r in newer}
-    return [r for r in rows if r.get("label") not in labels] + list(newer)
 
 
 def measured_mean(row: dict) -> float:

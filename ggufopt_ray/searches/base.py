@@ -227,3 +227,11 @@ def check_quant_types(types, *, imatrix: bool, key: str = "search.types") -> lis
             raise UserError(f"{key} {need} need an importance matrix, which this search does not build; "
                             "set search.imatrix=true (with dataset.calib_chunks > 0) or drop them")
     return names
+
+
+def superseded(rows: list[dict], newer: list[dict]) -> list[dict]:
+    """``rows`` with each row of a label in ``newer`` replaced by the newer row: a later round's
+    row of a candidate measured before (its results store was continued, so the new row holds
+    every chunk of the old one, and more)."""
+    labels = {r.get("label") for r in newer}
+    return [r for r in rows if r.get("label") not in labels] + list(newer)
