@@ -17,6 +17,13 @@ candidate row). ``copy bandwidth`` is the traffic of ``np.copyto`` on a 256 MiB 
 (bytes read + written per second, one thread); ``roofline_fraction`` = our one-thread tokens/s
 divided by ``copy bandwidth / (6 * n_vocab)``.
 
+The machine's own 2-thread scaling, in the same rounds: ``bench/machine_spin.c``, a loop of
+multiply-adds on registers only, timed on 1 thread and on 2 side by side (``machine_speedup_2threads``).
+It says what a second core gives dense arithmetic at that moment: on a shared or virtual machine
+well below 2, moving with the neighbours' load and with the clocks two busy cores run at (it is a
+reference, not a strict ceiling: its wider vectors may slow the clocks more than our kernel's do);
+``speedup_2threads_vs_machine`` is our speedup over it (median of per-round ratios).
+
 Also: the compact encoding's encode speed, now vs the implementation before issue 13 (read from
 git at PREVIOUS_COMMIT), alternately.
 
@@ -28,8 +35,9 @@ ratios. The machine is shared: ratios are the figures to trust, not absolute rat
 
 JSON keys (top level: the largest vocabulary): kernel (the default path's: native or numpy),
 speedup_vs_original_style, roofline_fraction, tokens_per_s_1thread, tokens_per_s_2threads,
-speedup_2threads, and the numpy kernel's numpy_kernel_tokens_per_s_1thread / _2threads,
-numpy_kernel_speedup_vs_original_style, numpy_kernel_roofline_fraction, speedup_vs_numpy_kernel;
+speedup_2threads, machine_speedup_2threads, speedup_2threads_vs_machine, and the numpy kernel's
+numpy_kernel_tokens_per_s_1thread / _2threads, numpy_kernel_speedup_vs_original_style,
+numpy_kernel_roofline_fraction, speedup_vs_numpy_kernel;
 ``per_vocab``: those plus the compact encode figures and accuracy, per vocabulary size.
 """
 
@@ -41,7 +49,11 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
+import ctypes  # noqa: E402
 import json  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -51,6 +63,7 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ggufopt_ray.engine import kld_native  # noqa: E402
 from ggufopt_ray.metrics.encodings import get_encoding  # noqa: E402
 from ggufopt_ray.metrics.kld import log_softmax  # noqa: E402
 from ggufopt_ray.metrics.stats import summarize  # noqa: E402
@@ -115,14 +128,57 @@ def copy_bandwidth(src: np.ndarray, dst: np.ndarray) -> float:
     return 2 * src.nbytes / dt
 
 
+class MachineSpin:
+    """``bench/machine_spin.c`` built with the kernels' compiler and flags, its calls sized to about
+    ``seconds`` on one thread; None when there is no C compiler (then there is no native kernel to
+    compare with either)."""
+
+    def __init__(self, seconds: float = 0.05):
+        cc = kld_native._compiler()
+        if cc is None:
+            raise OSError("no C compiler")
+        path = kld_native._build(cc, Path(tempfile.mkdtemp(prefix="machine-spin-")), ROOT / "bench" / "machine_spin.c")
+        self.lib = ctypes.CDLL(str(path))
+        self.lib.spin.restype, self.lib.spin.argtypes = ctypes.c_double, [ctypes.c_int64]
+        self.iters = 1 << 16
+        while self.one_thread() < seconds / 4:
+            self.iters *= 2
+        self.iters = int(self.iters * seconds / self.one_thread())
+
+    def one_thread(self) -> float:
+        t0 = time.perf_counter()
+        self.lib.spin(self.iters)
+        return time.perf_counter() - t0
+
+    def two_threads(self) -> float:
+        """Both calls side by side (ctypes lets go of the GIL during each)."""
+        pair = [threading.Thread(target=self.lib.spin, args=(self.iters,)) for _ in range(2)]
+        t0 = time.perf_counter()
+        for t in pair:
+            t.start()
+        for t in pair:
+            t.join()
+        return time.perf_counter() - t0
+
+    def speedup(self) -> float:
+        """Twice the work on 2 threads vs once on 1: 2 where the second core is a whole one."""
+        return 2 * self.one_thread() / self.two_threads()
+
+
+def machine_spin() -> MachineSpin | None:
+    try:
+        return MachineSpin()
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        print(f"note: no machine reference for the 2-thread speedup ({exc})", file=sys.stderr)
+        return None
+
+
 # The compact encoder before issue 13 (for the encode-speed ratio), read from git when present.
 PREVIOUS_COMMIT = "2a57c8a62967a77b352bb8e169a5c7e0e1cfd71b"
 
 
 def previous_compact():
     import importlib.util
-    import subprocess
-    import tempfile
 
     try:
         src = subprocess.run(["git", "-C", str(ROOT), "show", f"{PREVIOUS_COMMIT}:ggufopt_ray/metrics/encodings.py"],
@@ -137,9 +193,9 @@ def previous_compact():
     return mod.CompactEncoding()
 
 
-def measure_vocab(v: int, n_chunks: int, n_tok: int, rounds: int, big, big_dst, rng) -> dict:
-    """One vocabulary size: ours (float16 baseline, 1 and 2 threads) vs original style vs roofline,
-    alternately; compact encode now vs before."""
+def measure_vocab(v: int, n_chunks: int, n_tok: int, rounds: int, big, big_dst, rng, spin: MachineSpin | None) -> dict:
+    """One vocabulary size: ours (float16 baseline, 1 and 2 threads) vs original style vs roofline
+    vs the machine's own 2-thread scaling, alternately; compact encode now vs before."""
     from scipy.special import log_softmax as log_softmax64
 
     enc = get_encoding("float16")
@@ -163,7 +219,7 @@ def measure_vocab(v: int, n_chunks: int, n_tok: int, rounds: int, big, big_dst, 
     err_orig = float(np.max(np.abs(original_style(base_logits[0], cand_logits[0])["kl"] / exact - 1)))
     del la, lb
 
-    t1, t2, t1n, t2n, t_orig, bw = [], [], [], [], [], []
+    t1, t2, t1n, t2n, t_orig, bw, machine = [], [], [], [], [], [], []
     for _ in range(rounds):
         for times, threads, kernel in ((t1, 1, None), (t2, 2, None), (t1n, 1, "numpy"), (t2n, 2, "numpy")):
             t0 = time.perf_counter()
@@ -175,6 +231,8 @@ def measure_vocab(v: int, n_chunks: int, n_tok: int, rounds: int, big, big_dst, 
             original_style(b, c)
         t_orig.append(time.perf_counter() - t0)
         bw.append(copy_bandwidth(big, big_dst))
+        if spin is not None:
+            machine.append(spin.speedup())
 
     # compact encode: now vs the previous implementation, alternately on one chunk's rows
     lp = log_softmax(base_logits[0][: min(n_tok, 64)])
@@ -207,6 +265,8 @@ def measure_vocab(v: int, n_chunks: int, n_tok: int, rounds: int, big, big_dst, 
     t1a, t2a, t1na, t2na, bwa = (np.asarray(x, float) for x in (t1, t2, t1n, t2n, bw))
     speedup2 = float(np.median(t1a / t2a))
     speedup2n = float(np.median(t1na / t2na))
+    machine2 = float(np.median(machine)) if machine else None
+    vs_machine = float(np.median((t1a / t2a) / np.asarray(machine))) if machine else None
     roofline = float(np.median((n_tokens / t1a) / (bwa / bytes_per_token)))
     roofline_n = float(np.median((n_tokens / t1na) / (bwa / bytes_per_token)))
     enc_tps = lp.shape[0] / float(np.median(te))
@@ -216,7 +276,7 @@ def measure_vocab(v: int, n_chunks: int, n_tok: int, rounds: int, big, big_dst, 
     return {
         "n_vocab": v, "tokens_per_chunk": n_tok, "chunks": n_chunks, "rounds": rounds, "kernel": default_kernel_name(),
         "tokens_per_s": tps1, "tokens_per_s_1thread": tps1, "tokens_per_s_2threads": tps2,
-        "speedup_2threads": speedup2,
+        "speedup_2threads": speedup2, "machine_speedup_2threads": machine2, "speedup_2threads_vs_machine": vs_machine,
         "original_style_tokens_per_s": tps_orig, "speedup_vs_original_style": tps1 / tps_orig,
         "speedup_vs_original_style_2threads": tps2 / tps_orig,
         "roofline_fraction": roofline, "roofline_tokens_per_s": roofline_tps,
@@ -230,6 +290,10 @@ def measure_vocab(v: int, n_chunks: int, n_tok: int, rounds: int, big, big_dst, 
         "compact_encode_tokens_per_s": enc_tps, "previous_compact_encode_tokens_per_s": enc_old,
         "compact_encode_speedup": enc_speedup,
     }
+
+
+def fmt2(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
 
 
 def main(argv=None) -> dict:
@@ -250,28 +314,34 @@ def main(argv=None) -> dict:
     big = np.ones(64 << 20, np.float32)  # 256 MiB, far beyond the caches
     big_dst = np.empty_like(big)
     copy_bandwidth(big, big_dst)  # touch the pages once
-    per_vocab = [measure_vocab(v, n_chunks, n_tok, rounds, big, big_dst, rng) for v in vocabs]
+    spin = machine_spin()
+    per_vocab = [measure_vocab(v, n_chunks, n_tok, rounds, big, big_dst, rng, spin) for v in vocabs]
     del big, big_dst
 
     print(f"KLD statistics against a float16 baseline (Float16Encoding.compare + summarize), BLAS 1 thread, "
-          f"median of {rounds} alternating rounds; roofline = copy bandwidth / (6 V bytes per token); "
+          f"median of {rounds} alternating rounds; machine = bench/machine_spin.c's 2-thread speedup; "
+          f"roofline = copy bandwidth / (6 V bytes per token); "
           f"kernel: {per_vocab[-1]['kernel']} (numpy kernel alongside)")
-    print(f"{'n_vocab':>8s} {'kernel':>7s} {'tok/s 1t':>9s} {'tok/s 2t':>9s} {'2t speedup':>10s} {'orig tok/s':>10s} "
-          f"{'vs orig':>8s} {'roofline':>9s} {'max rel err':>11s} {'compact enc':>11s} {'vs before':>9s}")
+    print(f"{'n_vocab':>8s} {'kernel':>7s} {'tok/s 1t':>9s} {'tok/s 2t':>9s} {'2t speedup':>10s} {'machine':>7s} "
+          f"{'orig tok/s':>10s} {'vs orig':>8s} {'roofline':>9s} {'max rel err':>11s} {'compact enc':>11s} "
+          f"{'vs before':>9s}")
     for r in per_vocab:
         sp = r["compact_encode_speedup"]
         print(f"{r['n_vocab']:8d} {r['kernel']:>7s} {r['tokens_per_s_1thread']:9.0f} {r['tokens_per_s_2threads']:9.0f} "
-              f"{r['speedup_2threads']:10.2f} {r['original_style_tokens_per_s']:10.0f} "
+              f"{r['speedup_2threads']:10.2f} {fmt2(r['machine_speedup_2threads']):>7s} "
+              f"{r['original_style_tokens_per_s']:10.0f} "
               f"{r['speedup_vs_original_style']:8.2f} {r['roofline_fraction']:9.3f} "
               f"{r['max_rel_error_vs_float64']:11.1e} {r['compact_encode_tokens_per_s']:11.0f} "
               f"{(f'{sp:.2f}' if sp else 'n/a'):>9s}")
         print(f"{'':8s} {'numpy':>7s} {r['numpy_kernel_tokens_per_s_1thread']:9.0f} "
-              f"{r['numpy_kernel_tokens_per_s_2threads']:9.0f} {r['numpy_kernel_speedup_2threads']:10.2f} {'':10s} "
+              f"{r['numpy_kernel_tokens_per_s_2threads']:9.0f} {r['numpy_kernel_speedup_2threads']:10.2f} "
+              f"{'':7s} {'':10s} "
               f"{r['numpy_kernel_speedup_vs_original_style']:8.2f} {r['numpy_kernel_roofline_fraction']:9.3f} "
               f"{r['numpy_kernel_max_rel_error_vs_float64']:11.1e}")
     head = per_vocab[-1]  # the largest vocabulary's figures at the top level
     result = {**{k: head[k] for k in ("kernel", "speedup_vs_original_style", "roofline_fraction",
                                       "tokens_per_s_1thread", "tokens_per_s_2threads", "speedup_2threads",
+                                      "machine_speedup_2threads", "speedup_2threads_vs_machine",
                                       "numpy_kernel_tokens_per_s_1thread", "numpy_kernel_tokens_per_s_2threads",
                                       "numpy_kernel_speedup_vs_original_style", "numpy_kernel_roofline_fraction",
                                       "speedup_vs_numpy_kernel", "n_vocab")},
