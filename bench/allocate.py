@@ -12,8 +12,15 @@ are continued, nothing is recomputed), so the ratios compare equal data. ``vs_tp
 ``quant_mix`` Optuna search for the Q4_K_M budget with as many trials as the allocator's evaluated
 chunks pay for, and confirms its best mix on all chunks the same way.
 
+Held out: the chunks that chose the recommended files also score them above, so the quoted ratios
+carry a little selection bias. ``heldout`` scores the same files again with llama.cpp's own
+``llama-perplexity --kl-divergence`` (an independent implementation; the tools that
+``.ci/build-llama-tools`` builds) on ``--heldout-chunks`` chunks of the corpus documents that no
+chunk of the sweep drew on (evaluation or calibration): text the allocator never saw.
+
 JSON keys: ``kld_ratio_vs_stock`` (per size and ``worst``; goal <= 0.85), ``size_ratio_vs_stock``
-(goal <= 1.005), ``spearman_predicted_vs_measured``, ``evaluated_chunks``, ``vs_tpe``.
+(goal <= 1.005), ``spearman_predicted_vs_measured``, ``evaluated_chunks``, ``vs_tpe``, and
+``heldout`` (its own ``kld_ratio_vs_stock`` with each ratio's standard error, and ``vs_tpe``).
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import re
 import sys
 import tempfile
 import time
@@ -31,6 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "models"
 SIZES = ["Q3_K_M", "Q4_K_M", "Q5_K_M"]
+
+from llama_tools import find_tools, kl_divergence_pass, kld_summary, parse_kld_output, run_tool  # noqa: E402
+
+MIN_HELDOUT_CHUNKS = 8  # fewer: the held-out score is left out (too few documents are left)
 
 
 def confirm_on_all_chunks(row: dict, baseline_store: str, n_ctx: int) -> dict:
@@ -48,7 +61,64 @@ def confirm_on_all_chunks(row: dict, baseline_store: str, n_ctx: int) -> dict:
                              int(base.header["first"]))
     s = summarize(run.per_chunk)
     return {"kld_mean": s["kld_mean"], "kld_mean_se": s["kld_mean_se"], "chunks": len(run.per_chunk),
-            "bits_per_weight": float(row["bits_per_weight"]), "label": row["label"]}
+            "bits_per_weight": float(row["bits_per_weight"]), "label": row["label"], "path": row["candidate_path"]}
+
+
+def heldout_text(cfg, cache: Path, out: Path) -> int:
+    """Write to ``out`` the corpus documents that no chunk of the sweep drew on (evaluation or
+    calibration, every chunk file in the sweep's cache); returns how many there are."""
+    import pyarrow.parquet as pq
+
+    from ggufopt_ray.data import collect_corpus, make_source
+    from ggufopt_ray.data.chunks import sample_id
+
+    d = cfg.dataset
+    source = make_source("local", files=d.path) if d.source in ("local", "files") else make_source(d.source)
+    corpus = collect_corpus(source, list(d.langs), d.samples_per_lang, skip=d.skip)
+    used: set[str] = set()
+    for f in sorted((cache / "chunks").glob("chunks-*.parquet")):
+        for ids in pq.read_table(f, columns=["sample_ids"]).column("sample_ids").to_pylist():
+            used.update(ids)
+    docs = [t for texts in corpus.texts.values() for t in texts]
+    unknown = used - {sample_id(t) for t in docs}
+    if unknown:  # the chunks came from other texts: nothing here could be called held out
+        raise SystemExit(f"{len(unknown)} samples of the sweep's chunks are not in the corpus read back; "
+                         "the held-out split cannot be trusted")
+    held = [t for t in docs if sample_id(t) not in used]
+    out.write_text("\n\n".join(held))
+    return len(held)
+
+
+def score_heldout(model: Path, text: Path, files: dict[str, str], n_ctx: int, n_chunks: int, work: Path) -> dict:
+    """Each file's KL divergence from ``model`` on the first ``n_chunks`` chunks of ``text``, by
+    llama-perplexity (one base pass, one --kl-divergence pass per file); None when the text holds
+    fewer than MIN_HELDOUT_CHUNKS chunks."""
+    tools = find_tools()
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    common = ["-c", str(n_ctx), "-b", str(n_ctx), "--chunks", str(n_chunks), "-fa", "off", "-t", str(threads)]
+    base = work / "heldout-base.kld"
+    _, log = run_tool([str(tools / "llama-perplexity"), "-m", str(model), "-f", str(text), *common,
+                       "--kl-divergence-base", str(base)])
+    m = re.search(r"over (\d+) chunks", log)
+    used = int(m.group(1)) if m else n_chunks
+    if used < MIN_HELDOUT_CHUNKS:
+        print(f"note: the held-out text holds {used} chunks of {n_ctx} (< {MIN_HELDOUT_CHUNKS}); not scored",
+              file=sys.stderr)
+        return None
+    scores, lost = {}, 0
+    for name, path in files.items():
+        _, log, lost_here = kl_divergence_pass(tools, Path(path), base, common)
+        scores[name] = kld_summary(parse_kld_output(log))
+        lost += lost_here["runs"]
+    return {"chunks": used, "scored_tokens": used * (n_ctx - n_ctx // 2), "lost_output_reruns": lost,
+            "scores": scores}
+
+
+def ratio_with_se(a: dict, b: dict) -> tuple[float, float]:
+    """a's mean KLD over b's and its standard error (delta method, the two means taken as
+    independent: conservative, as files scored on the same chunks err together)."""
+    r = a["kld_mean"] / b["kld_mean"]
+    return r, r * math.hypot(a["kld_mean_se"] / a["kld_mean"], b["kld_mean_se"] / b["kld_mean"])
 
 
 def main(argv=None) -> int:
@@ -73,11 +143,17 @@ def main(argv=None) -> int:
                     "calibration chunks, as publishers quantize (lets --types include IQ4_XS and other IQ types; "
                     "default on, off with --quick)")
     ap.add_argument("--calib-chunks", type=int, default=None, help="calibration chunks (default 1, 8 with --imatrix)")
+    ap.add_argument("--heldout-chunks", type=int, default=None, help="chunks of held-out text (documents no chunk of "
+                    "the sweep drew on) that llama-perplexity scores the recommended and stock files on (default "
+                    "128, 32 with --quick; 0: no held-out score)")
     args = ap.parse_args(argv)
     quick = args.quick or not (SHARED / "tinycode-a-f16.gguf").exists()
     args.bands = args.bands if args.bands is not None else (2 if quick else 4)
     args.local_bases = args.local_bases if args.local_bases is not None else not quick
     args.imatrix = args.imatrix if args.imatrix is not None else not quick
+    args.heldout_chunks = args.heldout_chunks if args.heldout_chunks is not None else (32 if quick else 128)
+    if args.heldout_chunks:
+        find_tools()  # before the sweep: a missing tool is said now, not after it
 
     from ggufopt_ray.candidates import Recipe
     from ggufopt_ray.config import SweepConfig
@@ -152,6 +228,29 @@ def main(argv=None) -> int:
     tpe_best = min(fits, key=lambda r: r["kld_mean"]) if fits else None
     tpe_confirmed = confirm_on_all_chunks(tpe_best, store, n_ctx) if tpe_best else None
     mine_q4 = per_size.get("Q4_K_M", {}).get("allocated")
+    heldout = None
+    if args.heldout_chunks:
+        t2 = time.perf_counter()
+        n_docs = heldout_text(cfg, work / "cache", work / "heldout.txt")
+        files = {f"{size} {side}": d[side]["path"] for size, d in per_size.items() for side in ("stock", "allocated")}
+        if tpe_confirmed:
+            files["tpe"] = tpe_confirmed["path"]
+        heldout = score_heldout(Path(cfg.model.path), work / "heldout.txt", files, n_ctx, args.heldout_chunks, work)
+        if heldout is not None:
+            sc = heldout.pop("scores")
+            h_ratio, h_se = {}, {}
+            for size in per_size:
+                h_ratio[size], h_se[size] = ratio_with_se(sc[f"{size} allocated"], sc[f"{size} stock"])
+            heldout = {"judge": "llama-perplexity --kl-divergence (llama.cpp's own tool)", "documents": n_docs,
+                       "n_ctx": n_ctx, **heldout, "seconds": round(time.perf_counter() - t2, 1),
+                       "kld_ratio_vs_stock": {**h_ratio, "worst": max(h_ratio.values()) if h_ratio else None},
+                       "kld_ratio_se": h_se,
+                       "per_size": {size: {"stock": sc[f"{size} stock"], "allocated": sc[f"{size} allocated"]}
+                                    for size in per_size},
+                       "vs_tpe": ({"tpe_best": sc["tpe"], "allocator_q4_k_m": sc.get("Q4_K_M allocated"),
+                                   "allocator_lower": ("Q4_K_M allocated" in sc
+                                                       and sc["Q4_K_M allocated"]["kld_mean"] < sc["tpe"]["kld_mean"])}
+                                  if "tpe" in sc else None)}
 
     out = {
         "model": model_name, "eval_chunks": cfg.dataset.eval_chunks, "n_ctx": n_ctx,
@@ -169,6 +268,7 @@ def main(argv=None) -> int:
                    "tpe_best": tpe_confirmed, "allocator_q4_k_m": mine_q4,
                    "allocator_lower": (mine_q4 is not None and tpe_confirmed is not None
                                        and mine_q4["kld_mean"] < tpe_confirmed["kld_mean"])},
+        "heldout": heldout,
     }
     print(f"allocator vs stock on {model_name}, {cfg.dataset.eval_chunks} chunks of {n_ctx}:")
     print("| size | stock bpw | stock KLD | allocated bpw | allocated KLD | KLD ratio |")
@@ -182,6 +282,19 @@ def main(argv=None) -> int:
         print(f"vs TPE ({n_tpe} trials): TPE best {tpe_confirmed['label']} {tpe_confirmed['kld_mean']:.5f} at "
               f"{tpe_confirmed['bits_per_weight']:.3f} bpw; allocator {mine_q4['kld_mean']:.5f} at "
               f"{mine_q4['bits_per_weight']:.3f} bpw")
+    if heldout is not None:
+        print(f"held out ({heldout['judge']}; {heldout['chunks']} chunks of {n_ctx} from {heldout['documents']} "
+              "documents no chunk of the sweep drew on):")
+        print("| size | stock KLD | allocated KLD | KLD ratio |")
+        print("|---|---:|---:|---:|")
+        for size, d in heldout["per_size"].items():
+            print(f"| {size} | {d['stock']['kld_mean']:.5f} ± {d['stock']['kld_mean_se']:.5f} | "
+                  f"{d['allocated']['kld_mean']:.5f} ± {d['allocated']['kld_mean_se']:.5f} | "
+                  f"{heldout['kld_ratio_vs_stock'][size]:.3f} ± {heldout['kld_ratio_se'][size]:.3f} |")
+        v = heldout["vs_tpe"]
+        if v and v["allocator_q4_k_m"]:
+            print(f"held-out vs TPE: TPE best {v['tpe_best']['kld_mean']:.5f}, allocator "
+                  f"{v['allocator_q4_k_m']['kld_mean']:.5f}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2, default=str))
     return 0

@@ -42,7 +42,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -55,6 +54,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from llama_tools import find_tools, kl_divergence_pass, kld_summary, parse_kld_output, run_tool  # noqa: E402
+
 SHARED = ROOT.parent / "shared" / "models"
 TRAINED_MODEL = SHARED / "tinycode-a-f16.gguf"
 EVAL_TEXT = SHARED / "corpus" / "eval.txt"
@@ -65,17 +66,6 @@ SYNTH_VOCAB, SYNTH_LAYERS = 49152, 12
 
 
 # -- inputs ----------------------------------------------------------------------------------
-def find_tools() -> Path:
-    import importlib.metadata as md
-
-    env = os.environ.get("GGUFOPT_LLAMA_TOOLS")
-    base = Path(env) if env else Path.home() / ".cache" / "ggufopt_ray-llama-tools" / md.version("llama-cpp-python")
-    missing = [t for t in ("llama-quantize", "llama-perplexity") if not (base / "bin" / t).exists()]
-    if missing:
-        raise SystemExit(f"{', '.join(missing)} not found in {base / 'bin'}; build them with .ci/build-llama-tools")
-    return base / "bin"
-
-
 def synthetic_model() -> Path:
     """The 49,152-vocabulary, 12-layer synthetic model, written once into the cache dir."""
     from ggufopt_ray.sweep import default_cache_dir
@@ -107,41 +97,6 @@ def text_prefix(tokenizer, text: str, n_ctx: int, n_chunks: int, path: Path) -> 
 
 
 # -- the llama.cpp loop ----------------------------------------------------------------------
-_STAT = re.compile(r"^(.+?)\s*:\s*(-?[\d.]+(?:e[-+]?\d+)?)\s*(?:±\s*([\d.]+(?:e[-+]?\d+)?))?\s*(%?)\s*$")
-
-
-def parse_kld_output(text: str) -> dict:
-    """llama-perplexity's KL-divergence statistics (``Mean    KLD:   0.0123 ±   0.0004`` ...)."""
-    out: dict = {}
-    section = None
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("======"):
-            section = line.strip("= ").lower()
-            continue
-        if section is None:
-            continue
-        m = _STAT.match(line)
-        if not m:
-            continue
-        key = re.sub(r"\s+", " ", m.group(1)).strip()
-        val = float(m.group(2))
-        out[key] = {"value": val, "se": float(m.group(3)) if m.group(3) else None,
-                    "percent": bool(m.group(4))}
-    if "Mean KLD" not in out:
-        raise SystemExit("no 'Mean KLD' in llama-perplexity's output:\n" + text[-3000:])
-    return out
-
-
-def _run(cmd: list[str]) -> tuple[float, str]:
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"{Path(cmd[0]).name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return wall, proc.stdout + proc.stderr
-
-
 def llama_loop(tools: Path, model: Path, text: Path, types: list[str], n_ctx: int, n_chunks: int,
                threads: int, work: Path) -> dict:
     """llama-quantize per type, one base pass, one --kl-divergence pass per type; all timed."""
@@ -151,34 +106,23 @@ def llama_loop(tools: Path, model: Path, text: Path, types: list[str], n_ctx: in
     quant: dict[str, dict] = {}
     for t in types:
         out = work / f"{t}.gguf"
-        wall, _ = _run([str(tools / "llama-quantize"), str(model), str(out), t, str(threads)])
+        wall, _ = run_tool([str(tools / "llama-quantize"), str(model), str(out), t, str(threads)])
         quant[t] = {"seconds": wall, "size_bytes": out.stat().st_size}
     base = work / "base.kld"
-    base_wall, _ = _run([str(tools / "llama-perplexity"), "-m", str(model), "-f", str(text), *common,
-                         "--kl-divergence-base", str(base)])
+    base_wall, _ = run_tool([str(tools / "llama-perplexity"), "-m", str(model), "-f", str(text), *common,
+                             "--kl-divergence-base", str(base)])
     per_type: dict[str, dict] = {}
     lost = {"runs": 0, "seconds": 0.0}
     for t in types:
-        for _ in range(5):
-            wall, log = _run([str(tools / "llama-perplexity"), "-m", str(work / f"{t}.gguf"), "--kl-divergence-base",
-                              str(base), "--kl-divergence", *common])
-            if "Mean    KLD" in log:
-                break
-            # llama.cpp's logger is asynchronous and now and then loses its last lines at exit (see
-            # tests/test_llama_cpp_parity.py); a person at a terminal would have seen them, so the lost
-            # run is repeated and its time is not counted in the loop's wall.
-            lost["runs"] += 1
-            lost["seconds"] += wall
+        wall, log, lost_here = kl_divergence_pass(tools, work / f"{t}.gguf", base, common)
+        # a pass whose report llama.cpp's logger lost is repeated; its time is not the loop's
+        lost = {k: lost[k] + lost_here[k] for k in lost}
         stats = parse_kld_output(log)
-        per_type[t] = {"kld_mean": stats["Mean KLD"]["value"], "kld_mean_se": stats["Mean KLD"]["se"],
-                       "kld_median": stats.get("Median KLD", {}).get("value"),
-                       "kld_p99": stats.get("99.0% KLD", {}).get("value"),
-                       "same_top_pct": stats.get("Same top p", {}).get("value"),
-                       "ln_ppl_ratio": stats.get("Mean ln(PPL(Q)/PPL(base))", {}).get("value"),
-                       "kld_seconds": wall, "quantize_seconds": quant[t]["seconds"],
+        per_type[t] = {**kld_summary(stats), "kld_seconds": wall, "quantize_seconds": quant[t]["seconds"],
                        "size_bytes": quant[t]["size_bytes"], "stats": stats}
     total = time.perf_counter() - t0 - lost["seconds"]
-    return {"wall_s": total, "lost_output_reruns": lost["runs"], "lost_output_seconds_not_counted": lost["seconds"], "quantize_s": sum(q["seconds"] for q in quant.values()), "base_s": base_wall,
+    return {"wall_s": total, "lost_output_reruns": lost["runs"], "lost_output_seconds_not_counted": lost["seconds"],
+            "quantize_s": sum(q["seconds"] for q in quant.values()), "base_s": base_wall,
             "kld_s": sum(p["kld_seconds"] for p in per_type.values()), "types": per_type, "base_file": str(base)}
 
 

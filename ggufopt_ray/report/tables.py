@@ -12,9 +12,12 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ggufopt_ray.evaluation import parse_chunk_ids
 from ggufopt_ray.report.format import fmt_interval, fmt_num, fmt_pm
+from ggufopt_ray.store.results import ResultsStore
 
 PARETO_X = "bits_per_weight"
 PARETO_Y = "composite"
@@ -54,12 +57,6 @@ def _write_table(rows: list[dict], path_stem: Path) -> None:
 def _write_token_values(rows: list[dict], path: Path) -> None:
     """Per-token KLD of every evaluated trial (float32), so distributions can be plotted from the
     results folder alone, without the cache."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from ggufopt_ray.store.results import ResultsStore
-
     labels, chunks, kld = [], [], []
     seen = set()
     for r in rows:
