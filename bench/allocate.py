@@ -89,7 +89,8 @@ def heldout_text(cfg, cache: Path, out: Path) -> int:
     return len(held)
 
 
-def score_heldout(model: Path, text: Path, files: dict[str, str], n_ctx: int, n_chunks: int, work: Path) -> dict:
+def score_heldout(model: Path, text: Path, files: dict[str, str], n_ctx: int, n_chunks: int,
+                  work: Path) -> dict | None:
     """Each file's KL divergence from ``model`` on the first ``n_chunks`` chunks of ``text``, by
     llama-perplexity (one base pass, one --kl-divergence pass per file); None when the text holds
     fewer than MIN_HELDOUT_CHUNKS chunks."""

@@ -302,6 +302,25 @@ def test_twoway_intervals_cover_at_nominal_rate():
             assert np.median(ratio) < 0.8
 
 
+def test_twoway_of_a_candidate_on_every_chunk_is_its_own_mean():
+    """A candidate that measured every chunk of a finite population borrows nothing: its estimate
+    is its plain mean (float64 numpy) and it names no control, so a results table or model card
+    shows its own mean and standard error instead of a zero-width interval; with the corpus as
+    the target (population=None) it still borrows chunk difficulty from the others."""
+    rng = np.random.default_rng(4)
+    v, _ = chunk_values(TYPES, rng)
+    full = RaceEntry(TYPES["labels"][0], TYPES["sizes"][0], v[0], chunk_ids=list(range(N)))
+    others = [RaceEntry(TYPES["labels"][c], TYPES["sizes"][c], v[c, chunk_order(c, N, 4)[:8]],
+                        chunk_ids=chunk_order(c, N, 4)[:8]) for c in range(1, 6)]
+    est = twoway_estimate([full, *others], full.label, 0.95, population=N)
+    assert est.control is None
+    assert est.estimate == pytest.approx(float(np.mean(np.asarray(v[0], np.float64))), rel=1e-12)
+    corpus = twoway_estimate([full, *others], full.label, 0.95, population=None)
+    assert corpus.control == "twoway" and corpus.se > 0
+    partial = twoway_estimate([full, *others], others[0].label, 0.95, population=N)
+    assert partial.control == "twoway" and partial.se > 0
+
+
 def test_chunk_orders_share_an_anchor_then_spread():
     """Every order is a permutation starting with the anchor; early stops of 6 candidates cover
     the chunks evenly; candidates are paired on the chunks both evaluated, whatever the order."""

@@ -113,6 +113,12 @@ def test_refinement_measures_the_cells_of_the_predicted_best_mixes_on_every_chun
     # the recommended file of every size class was confirmed on every chunk before it was chosen
     assert notes["recommendations"] and all(sorted(chunks[rec["label"]]) == list(range(8))
                                             for rec in notes["recommendations"])
+    # so the model card quotes each file's own mean KLD and standard error, not the racing
+    # estimator's zero-width interval for a candidate that saw every chunk
+    rows = {r["label"]: r for r in result.rows}
+    for rec in notes["recommendations"]:
+        assert not rows[rec["label"]].get("kld_mean_adj_control")
+        assert rec["kld_mean_se"] == pytest.approx(rows[rec["label"]]["kld_mean_se"]) and rec["kld_mean_se"] > 0
     correction = notes["per_base"]["Q4_K_M"]["correction"]
     # the loop measured mixes (and the given reference), and chose one of the configured scales
     assert correction["mixes"] == 1 + sum("-mix" in lab for lab in labels) and correction["link_power"] in (0.5, 1, 0)

@@ -478,13 +478,18 @@ def twoway_estimate(candidates: Sequence[RaceEntry], label: str, confidence: flo
     the corpus mean (every chunk unseen). Interval on the log scale, as elsewhere. Simulated
     coverage at 95% (tests/test_racing.py): see the test's printout. Falls back to the plain
     mean when the fit has under 2 residual degrees of freedom (nobody shares enough chunks
-    yet) or a value of ``label`` is not positive.
+    yet) or a value of ``label`` is not positive, and is the plain mean (no control) when
+    ``label`` measured every chunk of a finite population.
     """
     me = _entry(candidates, label)
     limit = math.inf if population is None else population
     mine = {j: v for j, v in me.cells().items() if j < limit}
     plain_y = list(mine.values())
     if len(mine) < 2 or min(plain_y) <= 0:
+        return regression_estimate(plain_y, None, confidence, population)
+    if population is not None and len(mine) >= population:
+        # Every chunk measured: the mean is the candidate's own, nothing is borrowed (no control,
+        # so tables show its own mean and standard error rather than this estimator's zero).
         return regression_estimate(plain_y, None, confidence, population)
     table = {label: mine}
     for c in candidates:
