@@ -144,6 +144,8 @@ def main(argv=None) -> int:
                     "calibration chunks, as publishers quantize (lets --types include IQ4_XS and other IQ types; "
                     "default on, off with --quick)")
     ap.add_argument("--calib-chunks", type=int, default=None, help="calibration chunks (default 1, 8 with --imatrix)")
+    ap.add_argument("--eval-chunks", type=int, default=None, help="evaluation chunks the sweep selects and scores on "
+                    "(default 16, 8 with --quick)")
     ap.add_argument("--heldout-chunks", type=int, default=None, help="chunks of held-out text (documents no chunk of "
                     "the sweep drew on) that llama-perplexity scores the recommended and stock files on (default "
                     "128, 32 with --quick; 0: no held-out score)")
@@ -173,7 +175,7 @@ def main(argv=None) -> int:
             print(f"note: {SHARED / 'tinycode-a-f16.gguf'} not found; using the synthetic model", file=sys.stderr)
         cfg.model.path = str(write_synthetic_model(work / "synth4.gguf", SynthSpec(seed=1, n_layer=4)))
         cfg.model.n_ctx = cfg.model.n_batch = cfg.model.n_ubatch = 128
-        cfg.dataset.eval_chunks = 8
+        cfg.dataset.eval_chunks = args.eval_chunks or 8
         alloc = search_config("allocate", types=["Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"], sizes=SIZES,
                               n_bands=args.bands, max_measurements=8, imatrix=args.imatrix,
                               local_bases=args.local_bases, local_steps=args.local_steps,
@@ -183,7 +185,7 @@ def main(argv=None) -> int:
         cfg.model.path = str(SHARED / "tinycode-a-f16.gguf")
         cfg.model.n_ctx = cfg.model.n_batch = cfg.model.n_ubatch = 256
         cfg.dataset.source, cfg.dataset.path, cfg.dataset.langs = "local", str(SHARED / "corpus" / "eval.txt"), ["text"]
-        cfg.dataset.eval_chunks = 16
+        cfg.dataset.eval_chunks = args.eval_chunks or 16
         alloc = search_config("allocate", sizes=SIZES, n_bands=args.bands, max_measurements=24,
                               imatrix=args.imatrix, local_bases=args.local_bases, local_steps=args.local_steps,
                               refine_rounds=args.refine_rounds, confirm=args.confirm)
