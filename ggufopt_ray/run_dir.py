@@ -13,6 +13,7 @@ identity file is missing or different.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -31,6 +32,20 @@ COSMETIC = {"verbose", "output_dir", "overwrite", "cache_dir",
 OUTPUTS = ("ray_results", "results.parquet", "results.csv", "pareto.csv", "best.json", "chunks.parquet",
            "tokens.parquet", "events.jsonl", "sweep.json", "report.html", "report.md", "plots", "racing.json",
            "languages.parquet", IDENTITY_FILE)
+
+# What a sweep says as it runs (the lines it prints, each finished trial, the results table), for
+# the run directory's log file. Not propagated: the console has them already, printed as they are;
+# without a handler (a sweep run from Python) they go nowhere.
+RUN_LOG = logging.getLogger("ggufopt_ray.run")
+RUN_LOG.propagate = False
+RUN_LOG.setLevel(logging.INFO)
+
+
+def log_to_run_files() -> None:
+    """Write RUN_LOG to the files the root logger writes to now: under Hydra, the job's
+    ``<job>.log`` in the run directory (``sweep.log``). Replaces earlier handlers: each job of a
+    multirun has its own file, and a handler of a job before would reopen that job's file."""
+    RUN_LOG.handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ggufopt_ray.config import SweepConfig
 from ggufopt_ray.errors import UserError
-from ggufopt_ray.run_dir import claim_run_dir
+from ggufopt_ray.run_dir import RUN_LOG, claim_run_dir, log_to_run_files
 from ggufopt_ray.store.locks import file_lock
 from ggufopt_ray.searches import Search, SearchFacts, make_search
 from ggufopt_ray.searches.base import superseded
@@ -432,6 +432,7 @@ def main_from_hydra(cfg) -> SweepResult:
     from ggufopt_ray.config import to_sweep_config
     from ggufopt_ray.report.tables import format_results_table
 
+    log_to_run_files()  # what the sweep prints also goes, with times, to the run directory's sweep.log
     sweep_cfg = to_sweep_config(cfg)
     if not sweep_cfg.verbose:
         # Hydra sets the root logger to INFO; gguf's writer would announce every file it writes,
@@ -439,19 +440,25 @@ def main_from_hydra(cfg) -> SweepResult:
         for name in ("gguf", "matplotlib"):
             logging.getLogger(name).setLevel(logging.WARNING)
     out = sweep_cfg.output_dir or HydraConfig.get().runtime.output_dir
-    result = run_sweep(sweep_cfg, out)
-    print()
-    print(format_results_table(result.rows, bub=make_search(sweep_cfg.search).table_kind() == "speed"))
+
+    def say(message: str = "", stream=None) -> None:
+        print(message, file=stream)
+        if message:
+            RUN_LOG.info(message)
+
+    result = run_sweep(sweep_cfg, out, log=say)
+    say()
+    say(format_results_table(result.rows, bub=make_search(sweep_cfg.search).table_kind() == "speed"))
     if result.errors:
         causes = error_causes(result.errors)
-        print(f"\n{len(result.errors)} trial(s) failed, {len(causes)} distinct cause(s):", file=sys.stderr)
+        say(f"\n{len(result.errors)} trial(s) failed, {len(causes)} distinct cause(s):", sys.stderr)
         for cause, n in causes.items():
-            print(f"  {n} x {cause}", file=sys.stderr)
+            say(f"  {n} x {cause}", sys.stderr)
         if not result.rows:
             raise UserError(f"every trial failed ({'; '.join(causes)}); fix the setting named above and rerun")
-    print(f"\nresults in {result.output_dir} ({result.seconds:.0f} s)")
+    say(f"\nresults in {result.output_dir} ({result.seconds:.0f} s)")
     if result.report:
-        print(f"report   {result.report}")
+        say(f"report   {result.report}")
     elif not sweep_cfg.report:
-        print(f"report   not drawn (report=false); `ggufopt report {result.output_dir}` draws it")
+        say(f"report   not drawn (report=false); `ggufopt report {result.output_dir}` draws it")
     return result

@@ -29,12 +29,14 @@ OmegaConf.register_new_resolver("run_dir", lambda output_dir, default: output_di
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg) -> None:
     from ggufopt_ray.errors import UserError
+    from ggufopt_ray.run_dir import RUN_LOG
     from ggufopt_ray.sweep import main_from_hydra
 
     try:
         main_from_hydra(cfg)
     except UserError as exc:
         print(f"sweep: error: {exc}", file=sys.stderr)
+        RUN_LOG.error(f"sweep: error: {exc}")  # the run directory's sweep.log says why it stopped too
         sys.exit(2)
 
 

@@ -78,10 +78,13 @@ def test_bad_override_fails_naming_the_key(override, needle, tmp_path):
 
 
 def test_bad_value_is_a_one_line_error_before_ray_starts(tmp_path):
-    proc = _run_sweep("search.types=[Q9_X]", f"cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
+    proc = _run_sweep("search.types=[Q9_X]", f"cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'run'}",
+                      cwd=tmp_path)
     assert proc.returncode == 2
     assert "Q9_X" in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") <= 2
+    # the run directory's log says why the sweep stopped, as the terminal did
+    assert proc.stderr.strip() in (tmp_path / "run" / "sweep.log").read_text()
 
 
 @pytest.mark.slow
@@ -105,5 +108,13 @@ def test_multirun_of_two_searches_writes_two_result_dirs(tmp_path):
     assert sorted(a["label"]) == ["Q4_0", "Q8_0"]
     assert list(b["label"]) == ["zfp-rate8-d2"]
     assert (dirs[0] / ".hydra" / "config.yaml").exists()
+    # Each run directory's sweep.log holds what that sweep said, timed: where it started, a line per
+    # finished trial, the results table; and nothing of the other job of the multirun.
+    for d, labels, other in ((dirs[0], ["Q4_0", "Q8_0"], "zfp-rate8-d2"), (dirs[1], ["zfp-rate8-d2"], "Q8_0")):
+        text = (d / "sweep.log").read_text()
+        assert "model    " in text and "results in " in text
+        for label in labels:
+            assert f"trial    {label}: " in text and f"| {label} |" in text
+        assert other not in text
     # report=false: results without the report (`ggufopt report DIR` draws it later)
     assert not any((d / "report.html").exists() or (d / "plots").exists() for d in dirs)

@@ -2,7 +2,8 @@
 
 ``ProgressLine``: one live line for the trials (done/running/stopped, chunks, ETA) rewritten on a
 terminal; where stderr is not a terminal (a log file, a batch job) one line per finished trial
-instead. ``ChunkProgress``: "baseline 12/32 chunks ..." lines at most every few seconds.
+instead. The run directory's log (``run_dir.RUN_LOG``) gets the line of every finished trial
+either way. ``ChunkProgress``: "baseline 12/32 chunks ..." lines at most every few seconds.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import sys
 import time
 
 from ray.tune import Callback
+
+from ggufopt_ray.run_dir import RUN_LOG
 
 
 class ProgressLine(Callback):
@@ -59,6 +62,8 @@ class ProgressLine(Callback):
             self.stream.flush()
         elif final:
             self.stream.write(line + "\n")
+        if final:
+            RUN_LOG.info(line)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.running.add(trial.trial_id)
@@ -84,14 +89,16 @@ class ProgressLine(Callback):
         self._render()
 
     def _log_trial(self, trial, what: str) -> None:
-        """Off a terminal the live line is not drawn: each finished trial gets a line of its own."""
-        if self.tty:
-            return
+        """Each finished trial gets a line in the run's log, and off a terminal (where the live
+        line is not drawn) on stderr too."""
         label = (trial.last_result or {}).get("label") or trial.trial_id
         total = f"/{self.total}" if self.total else ""
         elapsed = time.monotonic() - self.started
-        self.stream.write(f"trial    {label}: {what} ({self.done + self.errored}{total} finished, "
-                          f"{elapsed:.0f} s)\n")
+        line = f"trial    {label}: {what} ({self.done + self.errored}{total} finished, {elapsed:.0f} s)"
+        RUN_LOG.info(line)
+        if self.tty:
+            return
+        self.stream.write(line + "\n")
         self.stream.flush()
 
     def on_experiment_end(self, trials, **info):
