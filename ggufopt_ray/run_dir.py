@@ -35,17 +35,21 @@ OUTPUTS = ("ray_results", "results.parquet", "results.csv", "pareto.csv", "best.
 
 # What a sweep says as it runs (the lines it prints, each finished trial, the results table), for
 # the run directory's log file. Not propagated: the console has them already, printed as they are;
-# without a handler (a sweep run from Python) they go nowhere.
+# without a file (a sweep run from Python) they go to the null handler, never to Python's
+# last-resort stderr handler, which would print an error line a second time.
 RUN_LOG = logging.getLogger("ggufopt_ray.run")
 RUN_LOG.propagate = False
 RUN_LOG.setLevel(logging.INFO)
+_NOWHERE = logging.NullHandler()
+RUN_LOG.handlers = [_NOWHERE]
 
 
 def log_to_run_files() -> None:
     """Write RUN_LOG to the files the root logger writes to now: under Hydra, the job's
     ``<job>.log`` in the run directory (``sweep.log``). Replaces earlier handlers: each job of a
     multirun has its own file, and a handler of a job before would reopen that job's file."""
-    RUN_LOG.handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    RUN_LOG.handlers = [_NOWHERE, *files]
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
