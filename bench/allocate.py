@@ -133,8 +133,8 @@ def main(argv=None) -> int:
     ap.add_argument("--local-bases", action=argparse.BooleanOptionalAction, default=None,
                     help="also allocate each size class around its own stock type (search.local_bases; default on, "
                     "off with --quick)")
-    ap.add_argument("--local-steps", type=int, default=1, help="with --local-bases: neighbouring types measured per "
-                    "group on each size class's own stock type (default 1)")
+    ap.add_argument("--local-steps", type=int, default=2, help="with --local-bases: neighbouring types measured per "
+                    "group on each size class's own stock type, below and above (search.local_steps; default 2)")
     ap.add_argument("--refine-rounds", type=int, default=2, help="times the singles the predicted best mixes use "
                     "are measured again on every chunk before the loop (search.refine_rounds; default 2)")
     ap.add_argument("--confirm", type=int, default=3, help="the best this many measured files per size class are "

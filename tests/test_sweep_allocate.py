@@ -18,7 +18,7 @@ def test_allocation_recommends_the_best_measured_file_per_size(ray_local, tmp_pa
     from ggufopt_ray.sweep import run_sweep
 
     cfg = small_sweep_config(tmp_path / "cache", name="allocate", types=["Q3_K", "Q5_K", "Q8_0"], n_bands=1,
-                             max_measurements=3, local_bases=True)
+                             max_measurements=3, local_bases=True, local_steps=1)
     cfg.dataset.eval_chunks = 4
     cfg.report = True  # the report shows the model card and the allocation plot
     cfg.metrics.early_stopping = False  # every candidate on the same 4 chunks: plain means compare

@@ -60,10 +60,12 @@ class AllocateConfig(SearchConfig):
     # local_bases: a size class named by a stock type (Q5_K_M) is also allocated around that type:
     # each group's neighbouring types (local_steps below and above) are measured on top of it, so
     # the prediction near that size is a local one, not an extrapolation from base_type. Off by
-    # default for its cost: on tinycode-a (30 groups) ~70% more evaluated chunks, for a Q5_K_M-sized
-    # file at 0.82x stock's KLD where base_type alone found none better than stock.
+    # default for its cost: on tinycode-a (30 groups, 7 types) about twice the evaluated chunks
+    # (3,070 against ~1,400), for a Q5_K_M-sized file at 0.81x stock's KLD (0.83x held out) where
+    # base_type alone found none better than stock. Two steps, because one step each side found
+    # 0.88-0.89x: the best mixes take IQ4_XS (two below Q5_K) for some FFN groups.
     local_bases: bool = False
-    local_steps: int = 1
+    local_steps: int = 2
     # refine_rounds: before the loop, the singles that the predicted best mix of each size class
     # uses are measured again on every chunk (racing had stopped them after a few), and the
     # knapsack solved again; up to this many times, while it picks cells not yet on every chunk.
