@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import sys
 import tempfile
@@ -69,12 +68,12 @@ def heldout_text(cfg, cache: Path, out: Path) -> int:
     calibration, every chunk file in the sweep's cache); returns how many there are."""
     import pyarrow.parquet as pq
 
-    from ggufopt_ray.data import collect_corpus, make_source
+    from ggufopt_ray.data import collect_corpus
     from ggufopt_ray.data.chunks import sample_id
+    from ggufopt_ray.sweep import dataset_source
 
     d = cfg.dataset
-    source = make_source("local", files=d.path) if d.source in ("local", "files") else make_source(d.source)
-    corpus = collect_corpus(source, list(d.langs), d.samples_per_lang, skip=d.skip)
+    corpus = collect_corpus(dataset_source(d), list(d.langs), d.samples_per_lang, skip=d.skip)
     used: set[str] = set()
     for f in sorted((cache / "chunks").glob("chunks-*.parquet")):
         for ids in pq.read_table(f, columns=["sample_ids"]).column("sample_ids").to_pylist():
@@ -94,9 +93,10 @@ def score_heldout(model: Path, text: Path, files: dict[str, str], n_ctx: int, n_
     """Each file's KL divergence from ``model`` on the first ``n_chunks`` chunks of ``text``, by
     llama-perplexity (one base pass, one --kl-divergence pass per file); None when the text holds
     fewer than MIN_HELDOUT_CHUNKS chunks."""
+    from ggufopt_ray.engine.native import default_threads
+
     tools = find_tools()
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    common = ["-c", str(n_ctx), "-b", str(n_ctx), "--chunks", str(n_chunks), "-fa", "off", "-t", str(threads)]
+    common = ["-c", str(n_ctx), "-b", str(n_ctx), "--chunks", str(n_chunks), "-fa", "off", "-t", str(default_threads())]
     base = work / "heldout-base.kld"
     _, log = run_tool([str(tools / "llama-perplexity"), "-m", str(model), "-f", str(text), *common,
                        "--kl-divergence-base", str(base)])

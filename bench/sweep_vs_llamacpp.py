@@ -56,6 +56,8 @@ sys.path.insert(0, str(ROOT))
 
 from llama_tools import find_tools, kl_divergence_pass, kld_summary, parse_kld_output, run_tool  # noqa: E402
 
+from ggufopt_ray.engine.native import default_threads  # noqa: E402
+
 SHARED = ROOT.parent / "shared" / "models"
 TRAINED_MODEL = SHARED / "tinycode-a-f16.gguf"
 EVAL_TEXT = SHARED / "corpus" / "eval.txt"
@@ -354,7 +356,7 @@ def main(argv=None) -> int:
     if not TRAINED_MODEL.exists() or not EVAL_TEXT.exists():
         raise SystemExit(f"{TRAINED_MODEL} and {EVAL_TEXT} are needed")
     raw = EVAL_TEXT.read_text()
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = default_threads()
     if args.quick:
         plan = [("trained", TRAINED_MODEL, QUICK_TYPES, 256, 8)]
     else:

@@ -49,21 +49,28 @@ def resolve_model(cfg: SweepConfig, cache: Path) -> Path:
     return path
 
 
-def prepare_data(cfg: SweepConfig, model_path: Path, cache: Path):
-    """Evaluation and calibration chunks for the model's tokenizer (reused when up to date)."""
-    import hashlib
+def dataset_source(d):
+    """The data source a sweep's ``dataset`` settings name, with its options."""
+    from ggufopt_ray.data import make_source
 
-    from ggufopt_ray.data import ChunkParams, load_chunks, make_source, prepare_chunks
-
-    d = cfg.dataset
     options = {}
     if d.source not in ("builtin",):
         options = {k: v for k, v in {"source": d.path, "config": d.config_pattern, "split": d.split,
                                      "text_field": d.text_field}.items() if v is not None}
         if d.source in ("local", "files"):
             options = {"files": d.path, "text_field": d.text_field}
-    src = make_source(d.source if not d.plugin_file else None, plugin_file=d.plugin_file,
-                      plugin_class=d.plugin_class, **options)
+    return make_source(d.source if not d.plugin_file else None, plugin_file=d.plugin_file,
+                       plugin_class=d.plugin_class, **options)
+
+
+def prepare_data(cfg: SweepConfig, model_path: Path, cache: Path):
+    """Evaluation and calibration chunks for the model's tokenizer (reused when up to date)."""
+    import hashlib
+
+    from ggufopt_ray.data import ChunkParams, load_chunks, prepare_chunks
+
+    d = cfg.dataset
+    src = dataset_source(d)
     key = hashlib.sha256(json.dumps([asdict(d), str(model_path), cfg.model.n_ctx], sort_keys=True,
                                     default=str).encode()).hexdigest()[:12]
     out = cache / "chunks" / f"chunks-{key}.parquet"
