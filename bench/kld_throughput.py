@@ -51,10 +51,10 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import ctypes  # noqa: E402
 import json  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -130,8 +130,8 @@ def copy_bandwidth(src: np.ndarray, dst: np.ndarray) -> float:
 
 class MachineSpin:
     """``bench/machine_spin.c`` built with the kernels' compiler and flags, its calls sized to about
-    ``seconds`` on one thread; None when there is no C compiler (then there is no native kernel to
-    compare with either)."""
+    ``seconds`` on one thread (OSError without a C compiler: then there is no native kernel to
+    compare with either, and :func:`machine_spin` gives None)."""
 
     def __init__(self, seconds: float = 0.05):
         cc = kld_native._compiler()
