@@ -48,7 +48,7 @@ TRIAL = r"""
 import os, resource, sys, json
 import numpy as np
 sys.path.insert(0, sys.argv[1])
-import ggufopt_ray.distributed.trials  # noqa: F401  (what a Ray trial process has loaded: ray, tune)
+import ggufopt_ray.distributed.tune_adapter  # noqa: F401  (what a Ray trial process has loaded: ray, tune)
 from ggufopt_ray.engine import LogitsEngine, RuntimeSettings
 from ggufopt_ray.metrics.encodings import get_encoding
 model, payload_path, n_ctx, threads = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])

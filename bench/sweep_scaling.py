@@ -35,8 +35,6 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 1 quick, 2 full)")
     args = ap.parse_args(argv)
 
-    import os
-
     from ggufopt_ray.config import SweepConfig
     from ggufopt_ray.distributed.runtime import start_ray
     from ggufopt_ray.sweep import run_sweep

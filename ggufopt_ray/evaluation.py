@@ -8,6 +8,7 @@ trials. Alignment follows llama-perplexity: logit row ``j`` predicts token ``j +
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -17,7 +18,8 @@ import numpy as np
 from ggufopt_ray.config import MetricsConfig
 from ggufopt_ray.metrics.encodings import get_encoding
 from ggufopt_ray.metrics.kld import log_softmax
-from ggufopt_ray.metrics.racing import RacingConfig
+from ggufopt_ray.metrics.languages import group_by_language
+from ggufopt_ray.metrics.racing import RacingConfig, per_chunk_values
 from ggufopt_ray.metrics.stats import summarize_chunks
 from ggufopt_ray.metrics.stopping import StoppingRule
 
@@ -126,6 +128,32 @@ def stop_decision(per_chunk: list[dict], cfg: MetricsConfig) -> tuple[bool, str]
     return decision.stop, decision.reason
 
 
+def never_stop(rule):
+    """``rule`` asked after every chunk (racing posts the values to the board), its stop ignored."""
+
+    def decide(per_chunk: list[dict]) -> tuple[bool, str]:
+        rule(per_chunk)
+        return False, "all_chunks"
+
+    return decide
+
+
+def every_language(rule, metrics: MetricsConfig, langs: list[str]):
+    """``metrics.per_language``: a precision stop must hold in every language's own chunks (a
+    candidate fine on average may be poor on the smallest language); dominance stops as it is.
+    ``langs``: the language of each chunk in evaluation order."""
+    def decide(per_chunk: list[dict]) -> tuple[bool, str]:
+        stop, why = rule(per_chunk)
+        if not stop or why.startswith("dominated_by"):
+            return stop, why
+        groups = group_by_language(per_chunk, list(langs)[:len(per_chunk)])
+        if len(groups) < len(set(langs)):
+            return False, "running"  # a language not seen yet cannot be precise
+        ok = all(stop_decision([{"kld": m.kld} for m in chunks], metrics)[0] for chunks in groups.values())
+        return (True, why) if ok else (False, "running")
+    return decide
+
+
 def chunk_id_text(ids: Sequence[int]) -> str:
     """Chunk ids as a compact string for a results row ("0-3,17-20"): rows stay flat scalars."""
     parts, start = [], None
@@ -145,6 +173,11 @@ def parse_chunk_ids(text: str) -> list[int]:
         a, _, b = part.partition("-")
         out.extend(range(int(a), int(b or a) + 1))
     return out
+
+
+def chunk_kld_text(chunk_ids: Sequence[int], per_chunk: list[dict]) -> str:
+    """``{chunk index: mean KLD}`` of the evaluated chunks as JSON (a results row stays flat)."""
+    return json.dumps({str(i): v for i, v in zip(chunk_ids, per_chunk_values(per_chunk, "mean"))})
 
 
 @dataclass

@@ -176,15 +176,12 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
     ``on_baseline_ready(store)`` is called once the baseline chunks are in the object store and
     before any trial starts (tools use it to archive the store; tests to prove trials never read it).
     """
-    import ray
-
     from ggufopt_ray.distributed.baseline import run_baseline
-    from ggufopt_ray.distributed.cpu_share import CpuShareUpdater, start_cpu_share
+    from ggufopt_ray.distributed.cpu_share import CpuShareUpdater, start_cpu_share, stop_cpu_share
     from ggufopt_ray.distributed.progress import ChunkProgress, ProgressLine
-    from ggufopt_ray.distributed.race import final_estimates, start_board
+    from ggufopt_ray.distributed.race import close_board, start_board
     from ggufopt_ray.distributed.runtime import start_ray
-    from ggufopt_ray.distributed.trials import TRIALS, TrialContext
-    from ggufopt_ray.distributed.tune_runner import run_trials
+    from ggufopt_ray.distributed.tune_adapter import TrialContext, make_trainable, run_trials
     from ggufopt_ray.engine import RuntimeSettings
     from ggufopt_ray.engine.native import versions
     from ggufopt_ray.evaluation import encoding_params, racing_config
@@ -237,7 +234,7 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
     first = scored_from(cfg)
     # The memory plan: the baseline against the object store, a trial's peak against this node.
     from ggufopt_ray.distributed.runtime import object_store_bytes
-    from ggufopt_ray.distributed.tune_runner import concurrency
+    from ggufopt_ray.distributed.tune_adapter import concurrency
     from ggufopt_ray.memory_plan import available_memory_bytes, plan_sweep_memory, refuse_unless_fits
     from ggufopt_ray.tuning.bub import ModelDims
 
@@ -301,9 +298,8 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
     def callbacks(n_trials: int) -> list:
         extra = [CpuShareUpdater(ctx.cpu_share, n_trials)] if ctx.cpu_share is not None else []
         return [ProgressLine(n_trials, len(ev)), *extra]
-    from ray import tune
 
-    trainable = tune.with_parameters(TRIALS[search.trial_kind], ctx=ctx)
+    trainable = make_trainable(search.trial_kind, ctx)
     t_trials = time.perf_counter()
     outcome = run_trials(trainable, search=search, cluster=cfg.cluster, storage_path=output_dir / "ray_results",
                          n_chunks=len(ev), min_chunks=cfg.metrics.min_chunks,
@@ -323,10 +319,9 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
     search.follow_up(list(outcome.rows), run_round, output_dir, log)
     baseline_meta["trials_seconds"] = round(time.perf_counter() - t_trials, 3)
     if racing is not None:
-        apply_final_estimates(outcome.rows, final_estimates(ray.get(ctx.board.snapshot.remote()), racing))
-        ray.kill(ctx.board)
+        apply_final_estimates(outcome.rows, close_board(ctx.board, racing))
     if ctx.cpu_share is not None:
-        ray.kill(ctx.cpu_share)
+        stop_cpu_share(ctx.cpu_share)
     provenance = {"model": str(model_path), "model_fingerprint": model_fp,
                   "vocab_fingerprint": info.vocab_fingerprint, "corpus_fingerprint": ev.fingerprint,
                   "dataset_fingerprint": ev.dataset_fingerprint, "baseline_id": store.baseline_id,

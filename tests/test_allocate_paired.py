@@ -44,7 +44,7 @@ def test_chunk_means_reads_the_rows_field_and_tolerates_rows_without_it():
 def test_the_allocators_reference_sees_every_chunk_and_the_search_asks_for_chunk_values(tiny_model):
     """The base type is planned with every_chunk (the stop rule is asked, for racing's board, and
     ignored); other stock types and singles stop as usual."""
-    from ggufopt_ray.distributed.trials import never_stop
+    from ggufopt_ray.evaluation import never_stop
     from ggufopt_ray.searches import make_search, search_config
     from ggufopt_ray.searches.base import SearchFacts
 

@@ -112,7 +112,8 @@ def run_baseline(store, chunks: list[np.ndarray], model_path: str, settings: Run
     if missing:
         n_workers = max(1, min(cluster.logits_workers, len(missing)))
         run_tag = uuid.uuid4().hex[:6]
-        workers = [LogitsWorker.options(**worker_options(cluster, k, run_tag)).remote(model_path, settings, encoding, first)
+        workers = [LogitsWorker.options(**worker_options(cluster, k, run_tag)).remote(model_path, settings, encoding,
+                                                                                      first)
                    for k in range(n_workers)]
         try:
             nodes = ray.get([w.node_id.remote() for w in workers])

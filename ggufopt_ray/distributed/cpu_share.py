@@ -80,3 +80,8 @@ class CpuShareUpdater(Callback):
 def start_cpu_share(total_cpus: int, base: int, run_tag: str):
     """The sweep's share actor (named, so the dashboard shows it)."""
     return CpuShare.options(name=f"cpu-share-{run_tag}").remote(int(total_cpus), int(base))
+
+
+def stop_cpu_share(share) -> None:
+    """End the sweep's share actor once its trials are done."""
+    ray.kill(share)

@@ -8,6 +8,7 @@ metrics and can only *stop* a trial, which then never writes its final row (full
 adjusted mean, the reason it stopped); with a board the trial itself asks, decides with the same
 pure function, and ends with a complete row saying ``dominated_by=<label>``. The board only
 stores numbers; every decision is made in the trial.
+A trial's side of it is :class:`RaceRule`, the stop rule its chunk loop asks after each chunk.
 
 The board's state is written to ``racing.json`` in the run directory after every post (a few KB),
 so a resumed sweep starts from what the finished trials left, and the final adjusted estimates of
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import ray
 
-from ggufopt_ray.metrics.racing import RaceEntry, adjusted_mean
+from ggufopt_ray.metrics.racing import (RaceDecision, RaceEntry, RacingConfig, adjusted_mean, chunk_order,
+                                        per_chunk_values, race_decision)
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -85,6 +87,13 @@ def start_board(output_dir: Path, run_tag: str):
     return RaceBoard.options(name=f"race-board-{run_tag}").remote(str(Path(output_dir) / "racing.json"))
 
 
+def close_board(board, cfg: RacingConfig) -> dict[str, dict]:
+    """End the sweep's board; every candidate's final adjusted estimate (:func:`final_estimates`)."""
+    state = ray.get(board.snapshot.remote())
+    ray.kill(board)
+    return final_estimates(state, cfg)
+
+
 def final_estimates(state: dict, cfg) -> dict[str, dict]:
     """Every candidate's regression-adjusted mean with what the whole sweep measured.
 
@@ -97,3 +106,42 @@ def final_estimates(state: dict, cfg) -> dict[str, dict]:
         if e.n_chunks:
             out[e.label] = adjusted_mean(entries, e.label, cfg).to_dict()
     return out
+
+
+class RaceRule:
+    """The racing stop rule of one trial: post each chunk's value to ``board``, decide with
+    everyone's values (:func:`ggufopt_ray.metrics.racing.race_decision`, a pure function)."""
+
+    def __init__(self, board, cfg: RacingConfig, label: str, size: float):
+        self.board, self.cfg, self.label, self.size = board, cfg, label, float(size)
+        self.values: list[float] = []
+        self.decision: RaceDecision | None = None
+        self.race_index = ray.get(board.join.remote(label, self.size))
+        # The chunks this candidate evaluates, in order (staggered: its own offset after the
+        # shared anchor chunks; racing.chunk_order).
+        self.order = (chunk_order(self.race_index, cfg.max_chunks, cfg.anchor) if cfg.order == "staggered"
+                      else list(range(cfg.max_chunks)))
+
+    def __call__(self, per_chunk: list[dict]) -> tuple[bool, str]:
+        cfg = self.cfg
+        self.values.extend(per_chunk_values(per_chunk[len(self.values):], cfg.target))
+        k = len(self.values)
+        state = ray.get(self.board.post.remote(self.label, self.size, self.order[k - 1], self.values[-1]))
+        others = board_entries(state, exclude=self.label)
+        me = RaceEntry(self.label, self.size, list(self.values), chunks=per_chunk if cfg.target != "mean" else None,
+                       chunk_ids=self.order[:k])
+        self.decision = race_decision([me, *others], self.label, cfg)
+        return self.decision.stop, self.decision.reason
+
+    def row_fields(self) -> dict:
+        """The decision in the results row: who dominated, and the borrowed-strength mean."""
+        d = self.decision
+        if d is None:
+            return {}
+        out = {"dominated_by": d.dominated_by or ""}
+        adj = d.adjusted or {}
+        if self.cfg.target == "mean" and adj:
+            out.update({"kld_mean_adj": adj.get("estimate"), "kld_mean_adj_se": adj.get("se"),
+                        "kld_mean_adj_lo": adj.get("lo"), "kld_mean_adj_hi": adj.get("hi"),
+                        "kld_mean_adj_control": adj.get("control") or ""})
+        return out

@@ -7,9 +7,9 @@ instance should be reused across Hydra multirun jobs because starting one costs 
 Security of a local cluster (``cluster.mode=local``), which runs whatever code reaches it:
 
 - Ray 2.60's token authentication stays on (Ray sets ``RAY_AUTH_MODE=token`` for a new local
-  cluster; the token is ``~/.ray/auth_token``, or ``$RAY_AUTH_TOKEN`` / ``$RAY_AUTH_TOKEN_PATH``). Turning it off lets any
-  host that reaches the node's ports run code in the sweep; an explicit ``RAY_AUTH_MODE=disabled``
-  from the user is honoured but warned about.
+  cluster; the token is ``~/.ray/auth_token``, or ``$RAY_AUTH_TOKEN`` / ``$RAY_AUTH_TOKEN_PATH``).
+  Turning it off lets any host that reaches the node's ports run code in the sweep; an explicit
+  ``RAY_AUTH_MODE=disabled`` from the user is honoured but warned about.
 - The node runs on ``127.0.0.1``: Ray's GCS, raylet, object manager, worker, dashboard-agent and
   metrics servers then listen on loopback only, so other hosts cannot even connect. Ray 2.60 turns
   ``ray.init(_node_ip_address="127.0.0.1")`` back into the machine's network address
@@ -115,8 +115,8 @@ def dashboard_port(host: str, port: int) -> tuple[int, str | None]:
     try:
         new = _free_port(host)
     except OSError as exc:
-        raise UserError(f"cannot listen on {host} for the Ray dashboard ({exc.strerror or exc}); "
-                        "set cluster.dashboard_host to an address of this machine, or cluster.dashboard=false") from None
+        raise UserError(f"cannot listen on {host} for the Ray dashboard ({exc.strerror or exc}); set "
+                        "cluster.dashboard_host to an address of this machine, or cluster.dashboard=false") from None
     return new, (f"dashboard port {port} on {host} is in use (another sweep or Ray?); "
                  f"the dashboard listens on port {new} instead")
 

@@ -5,7 +5,9 @@ The work runs in the trial's own process unless the config pins it to a node gro
 (``cluster.task_cpus``); then it runs as a Ray task, which carries a readable name in the
 dashboard (:func:`run_cpu_work`). Files are written to the cache directory; when a consumer runs
 on a node that does not share that directory, it pulls the bytes from the producing node through
-the object store (``fetch_to_local``).
+the object store (``fetch_to_local``). A trial asks for what it needs before its first chunk with
+:func:`prepare_candidate` (which calls :func:`prepare_imatrix`): cached, built here or on a task,
+and made local.
 
 Cache files (candidates, importance matrices) live at ``ROOT/<kind>/<model fingerprint>/<name>``.
 ``ROOT`` is the sweep's ``cache_dir`` (a path computed on the driver), unless the node was started
@@ -20,14 +22,20 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import ray
 
+from ggufopt_ray.calibration import combine_parts, mix_file_label, mix_label, mix_parts
 from ggufopt_ray.candidates import Candidate, Recipe, build_candidate
 from ggufopt_ray.config import ClusterConfig
 from ggufopt_ray.engine.imatrix import ImatrixCollector, collect_imatrix, imatrix_settings, load_imatrix
+from ggufopt_ray.errors import UserError
 from ggufopt_ray.store.locks import file_lock
+
+if TYPE_CHECKING:  # the adapter imports this module
+    from ggufopt_ray.distributed.tune_adapter import TrialContext
 
 NODE_CACHE_ENV = "GGUFOPT_NODE_CACHE_DIR"
 CACHE_KINDS = ("candidates", "imatrix")  # the folders of ROOT whose files travel between nodes
@@ -296,3 +304,69 @@ def _copy_from(path: str, node_id: str, target: Path, want: dict) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     _remember_digest(target, want["sha256"])
+
+
+# -- a trial's side: the files it needs before its first chunk ---------------------------------
+
+def _imatrix_path(ctx: TrialContext, n_chunks: int, part: str = "") -> str:
+    name = f"{ctx.calib_fingerprint}-{part + '-' if part else ''}{n_chunks}.gguf"
+    return str(Path(ctx.cache_dir) / "imatrix" / ctx.model_fp / name)
+
+
+def _collect(ctx: TrialContext, chunks: list, path: str, name: str, threads: int) -> str:
+    """Collect (or find in the cache) the imatrix of ``chunks`` (in this trial or on a CPU task);
+    its local path."""
+    im = run_cpu_work(ctx.cluster, name, build_imatrix_here, ctx.base_model, chunks, path, ctx.settings.n_ctx,
+                      work_threads(ctx.cluster, threads))
+    return fetch_to_local(im["path"], im["node_id"])
+
+
+def _language_prefix(ctx: TrialContext, lang: str, n: int, threads: int) -> str:
+    """The local path of the imatrix of ``lang``'s first ``n`` calibration chunks. Every prefix of
+    the language is collected in one pass the first time any is asked for (see
+    :func:`build_imatrix_prefixes_here`), and cached."""
+    chunks = [c for c, label in zip(ctx.calib_tokens, ctx.calib_langs) if label == lang]
+    stem = "lang-" + mix_file_label([(lang, 1.0)])
+    out = run_cpu_work(ctx.cluster, f"imatrix-{lang}", build_imatrix_prefixes_here, ctx.base_model, chunks,
+                       [_imatrix_path(ctx, j, stem) for j in range(1, len(chunks) + 1)], ctx.settings.n_ctx,
+                       work_threads(ctx.cluster, threads))
+    return fetch_to_local(out["paths"][n - 1], out["node_id"])
+
+
+def prepare_imatrix(recipe: Recipe, ctx: TrialContext, threads: int) -> str | None:
+    """The local path of the importance matrix ``recipe`` asks for (None when it needs none);
+    ``threads``: the trial's threads (see :func:`work_threads`).
+
+    A plain recipe takes the first ``imatrix_chunks`` calibration chunks. A calibration mix is
+    combined from per-language collections (each language's chunk prefix collected once, shared
+    by every mix that needs it; see :mod:`ggufopt_ray.calibration`)."""
+    k = int(recipe.imatrix_chunks)
+    if not k:
+        return None
+    if not recipe.imatrix_mix:
+        if k > len(ctx.calib_tokens):
+            raise UserError(f"an imatrix of {k} chunks needs {k} calibration chunks; the dataset has "
+                            f"{len(ctx.calib_tokens)} (raise dataset.calib_chunks)")
+        return _collect(ctx, ctx.calib_tokens[:k], _imatrix_path(ctx, k), f"imatrix-{k}", threads)
+    parts = mix_parts(recipe.imatrix_mix, k, ctx.calib_langs)
+    out = Path(on_this_node(_imatrix_path(ctx, k, "mix" + recipe.key())))  # this node's cache root
+    if out.exists():
+        return str(out)
+    paths = [_language_prefix(ctx, p.lang, len(p.indices), threads) for p in parts]
+    mixed = combine_parts(parts, [load_imatrix(p) for p in paths], label="mix:" + mix_label(recipe.imatrix_mix))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    mixed.save(out)
+    return str(out)
+
+
+def prepare_candidate(recipe: Recipe, ctx: TrialContext, threads: int) -> Candidate:
+    """Build (or fetch from the cache) the candidate file (in this trial or on a CPU task, see
+    :func:`runs_in_trial`), local to this trial. ``threads``: the
+    trial's threads, which its own quantize and imatrix work use."""
+    im_path = prepare_imatrix(recipe, ctx, threads)
+    cand = run_cpu_work(ctx.cluster, f"build-{recipe.label()}", build_candidate_here, recipe, ctx.base_model,
+                        ctx.cache_dir, ctx.model_fp, im_path, work_threads(ctx.cluster, threads),
+                        # the imatrix is on this (the trial's) node; a build task on another node fetches it
+                        imatrix_node_id=ray.get_runtime_context().get_node_id() if im_path else None)
+    cand.path = fetch_to_local(cand.path, cand.node_id)
+    return cand

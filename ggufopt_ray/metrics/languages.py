@@ -17,6 +17,7 @@ numpy only, like the rest of ``metrics/``.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -187,3 +188,14 @@ def relative_to_best(table: Mapping[str, Mapping[str, float]]) -> dict[str, dict
 
 __all__ = ["LanguageSummary", "LanguageBreakdown", "summarize_languages", "group_by_language",
            "worst_language", "relative_to_best", "WORST_BY"]
+
+
+def language_row_fields(per_chunk: Sequence, langs: Sequence[str], n_boot: int = 200) -> dict:
+    """A results row's language columns: the worst language, the mean over languages, and every
+    language's statistics as JSON (for languages.parquet). ``langs``: the language of each entry
+    of ``per_chunk`` (extra labels, of chunks not evaluated yet, are ignored)."""
+    breakdown = summarize_languages(per_chunk, list(langs)[:len(per_chunk)], n_boot=n_boot)
+    means = [s.kld_mean for s in breakdown.languages.values()]
+    return {"worst_language": breakdown.worst_language or "", "worst_language_kld": breakdown.worst_language_kld,
+            "language_mean_kld": float(np.mean(means)) if means else math.nan,
+            "languages": json.dumps(breakdown.rows(), default=float)}

@@ -101,7 +101,7 @@ class BatchUbatch(Search):
             return [{"batch_level": self.ladder.index(d.n_batch), "ubatch_level": self.ladder.index(d.n_ubatch)}]
         return None
 
-    # -- one trial (run by distributed.trials.speed_trial) -----------------------------------------
+    # -- one trial (run by distributed.tune_adapter.speed_trial) ---------------------------------------
     def measure(self, n_batch: int, n_ubatch: int, report=None) -> tuple[bub.ConfigMeasurement, bool]:
         """The measurement of one configuration, from the shared cache when it has it."""
         hit = self.cached.get((int(n_batch), int(n_ubatch)))
