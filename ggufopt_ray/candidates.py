@@ -123,6 +123,7 @@ class Candidate:
     imatrix_hash: Optional[str] = None
     extra: dict = field(default_factory=dict)  # e.g. ZFP error statistics
     node_id: str = ""  # the Ray node that built it (where the file is when nodes share no disk)
+    imatrix_path: str = ""  # the importance matrix it was quantized with, as the trial that asked holds it
 
     def to_dict(self) -> dict:
         d = asdict(self)

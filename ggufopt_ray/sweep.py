@@ -450,7 +450,11 @@ def main_from_hydra(cfg) -> SweepResult:
 
     result = run_sweep(sweep_cfg, out, log=say)
     say()
-    say(format_results_table(result.rows, bub=make_search(sweep_cfg.search).table_kind() == "speed"))
+    search = make_search(sweep_cfg.search)
+    shown, left_out = search.table_rows(result.rows)
+    say(format_results_table(shown, bub=search.table_kind() == "speed"))
+    if left_out:
+        say(left_out)
     if result.errors:
         causes = error_causes(result.errors)
         say(f"\n{len(result.errors)} trial(s) failed, {len(causes)} distinct cause(s):", sys.stderr)

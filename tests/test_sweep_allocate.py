@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,7 @@ from conftest import small_sweep_config
 def test_allocation_recommends_the_best_measured_file_per_size(ray_local, tmp_path):
     from ggufopt_ray.allocate.recommend import parse_tensor_type_file
     from ggufopt_ray.engine.quantize import quantize_model
+    from ggufopt_ray.searches import make_search
     from ggufopt_ray.sweep import run_sweep
 
     cfg = small_sweep_config(tmp_path / "cache", name="allocate", types=["Q3_K", "Q5_K", "Q8_0"], n_bands=1,
@@ -30,6 +32,10 @@ def test_allocation_recommends_the_best_measured_file_per_size(ray_local, tmp_pa
     mixes = [r for r in result.rows if "-mix" in r["label"]]
     assert {"Q3_K_M", "Q4_K_M", "Q5_K_M"} <= labels
     assert len(singles) == notes["single_group_candidates"] and mixes
+    # The table the sweep prints keeps the stock types and the mixes and counts the singles it leaves out.
+    shown, left_out = make_search(cfg.search).table_rows(result.rows)
+    assert [r["label"] for r in shown] == [r["label"] for r in result.rows if "[" not in r["label"]]
+    assert left_out.startswith(f"{len(singles)} single-group measurements not shown")
     assert -1.0 <= notes["spearman_predicted_vs_measured"] <= 1.0
     # Local bases: each stock size class is allocated around its own type, from the groups'
     # neighbouring types measured on top of it (one step below and one above, by the file's size).
@@ -69,7 +75,6 @@ def test_allocation_recommends_the_best_measured_file_per_size(ray_local, tmp_pa
     # the reference KLD is the base's mean over them.
     import h5py
     import numpy as np
-    from pathlib import Path
 
     for r in result.rows:
         if not r.get("results_store"):
@@ -152,3 +157,51 @@ def test_refinement_measures_the_cells_of_the_predicted_best_mixes_on_every_chun
             g, t = table.groups[gi].name, columns[ti]
             if t != KEEP and (g, t) not in table.same_as_base:
                 assert sorted(chunks[f"Q4_K_M[{g}={t}]"]) == list(range(8)), (sc["name"], g, t)
+
+
+@pytest.mark.slow
+def test_recipes_rewrite_the_measured_files_with_llama_quantize(ray_local, tmp_path):
+    """With search.imatrix=true, ``recipes/quantize.sh`` names the importance matrix each file was
+    quantized with (copied beside it), and its commands, run with llama.cpp's own llama-quantize,
+    write tensors byte-identical to the files the sweep measured. Only the metadata may differ:
+    ours carries the recipe key, theirs names the copy of the imatrix."""
+    import hashlib
+    import shlex
+    import subprocess
+
+    from gguf import GGUFReader
+    from test_llama_cpp_parity import find_tools
+
+    from ggufopt_ray.sweep import run_sweep
+
+    quantize = find_tools() / "llama-quantize"
+    cfg = small_sweep_config(tmp_path / "cache", name="allocate", types=["Q3_K", "Q8_0"], n_bands=1,
+                             max_measurements=2, imatrix=True, confirm=1)
+    result = run_sweep(cfg, tmp_path / "out", log=lambda *a: None)
+    assert not result.errors, result.errors
+    recipes = tmp_path / "out" / "recipes"
+    recs = json.loads((tmp_path / "out" / "sweep.json").read_text())["search"]["allocate"]["recommendations"]
+    rows = {r["label"]: r for r in result.rows}
+    assert recs and all(rows[rec["label"]]["imatrix_path"] for rec in recs)
+
+    def sha(path) -> str:
+        return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+    def tensors(path) -> dict:
+        return {t.name: (int(t.tensor_type), bytes(t.data)) for t in GGUFReader(path).tensors}
+
+    commands = [line for line in (recipes / "quantize.sh").read_text().splitlines()
+                if line and not line.startswith(("#", "set "))]
+    assert len(commands) == len(recs)
+    for rec, command in zip(recs, commands):
+        assert command == rec["command"]
+        row = rows[rec["label"]]
+        argv = shlex.split(command)
+        assert argv[argv.index("--imatrix") + 1] == rec["imatrix"]
+        assert Path(rec["imatrix"]).parent == recipes and sha(rec["imatrix"]) == sha(row["imatrix_path"])
+        theirs = tmp_path / f"{rec['size_class']}-llama-quantize.gguf"
+        proc = subprocess.run([str(quantize), *argv[1:-2], str(theirs), argv[-1], "2"], capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert tensors(theirs) == tensors(row["candidate_path"])
+    assert any("tensor_type_file" in rec for rec in recs)  # a mix among them, not only stock types

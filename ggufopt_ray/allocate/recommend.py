@@ -127,6 +127,15 @@ def llama_quantize_command(model: str, out: str, base_type: str, tensor_type_fil
     return shlex.join(argv)
 
 
+def quantize_script(commands: Sequence[tuple[str, str]]) -> str:
+    """A POSIX shell script that runs ``(comment, command)`` pairs in order and stops at the first
+    that fails (llama-quantize on PATH)."""
+    lines = ["#!/bin/sh", "# The recommended files, written by llama.cpp's llama-quantize (on PATH).", "set -e"]
+    for comment, command in commands:
+        lines += ["", "# " + " ".join(comment.split()), command]
+    return "\n".join(lines) + "\n"
+
+
 def _size(nbytes: int) -> str:
     gib = nbytes / 2**30
     return f"{gib:.2f} GiB" if gib >= 1 else f"{nbytes / 2**20:.1f} MiB"

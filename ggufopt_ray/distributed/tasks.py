@@ -369,4 +369,5 @@ def prepare_candidate(recipe: Recipe, ctx: TrialContext, threads: int) -> Candid
                         # the imatrix is on this (the trial's) node; a build task on another node fetches it
                         imatrix_node_id=ray.get_runtime_context().get_node_id() if im_path else None)
     cand.path = fetch_to_local(cand.path, cand.node_id)
+    cand.imatrix_path = im_path if cand.imatrix_hash else ""
     return cand

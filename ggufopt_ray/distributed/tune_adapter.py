@@ -181,7 +181,7 @@ def _evaluate(plan, base_row: dict, ctx: TrialContext, t_start: float) -> None:
                "bits_per_weight": cand.bits_per_weight, "size_bytes": cand.size_bytes,
                "candidate_cached": cand.cached, "build_seconds": cand.build_seconds,
                "build_threads": build_threads,
-               "imatrix_hash": cand.imatrix_hash or "",
+               "imatrix_hash": cand.imatrix_hash or "", "imatrix_path": cand.imatrix_path,
                "baseline_chunks_from_object_store": fetched[0], "chunks_computed": run.computed,
                "candidate_path": cand.path, "build_node_id": cand.node_id, "results_store": str(store.root),
                "eval_seconds": time.perf_counter() - t_built, "trial_seconds": time.perf_counter() - t_start,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from ggufopt_ray.allocate.loop import allocate_loop
 from ggufopt_ray.allocate.paired import chunk_means, paired_mean, reference_mean
 from ggufopt_ray.allocate.predictor import Correction, MixTable, compare
 from ggufopt_ray.allocate.recommend import (Candidate, SizeClass, llama_quantize_command, model_card_table,
-                                            recommend, tensor_type_file_text)
+                                            quantize_script, recommend, tensor_type_file_text)
 from ggufopt_ray.candidates import Recipe
 from ggufopt_ray.config import SearchConfig
 from ggufopt_ray.engine.quantize import resolve_file_type, resolve_tensor_type
@@ -386,6 +387,14 @@ class Allocate(Search):
                              f"(link power {c['link_power']:g}), exponent {c['exponent']:.2f}; {b['stop_reason']}")
         return lines
 
+    def table_rows(self, rows: list[dict]) -> tuple[list[dict], str]:
+        """The stock types and the mixes; the single-group measurements (most of the rows, one per
+        group and type) are the sensitivity table behind them, left to the results files."""
+        shown = [r for r in rows if r.get("config.kind") != "single"]
+        n = len(rows) - len(shown)
+        return shown, (f"{n} single-group measurements not shown (every row is in results.csv and "
+                       f"results.parquet)" if n else "")
+
     def _candidates(self, rows, reference: dict) -> list[tuple[Candidate, dict]]:
         """Every measured file as a recommendable candidate (its mean KLD paired with ``reference``,
         the base type's ``{chunk: mean KLD}``), with its row."""
@@ -429,10 +438,15 @@ class Allocate(Search):
 
     def _recommend(self, rows, output_dir, log, reference: dict | None = None) -> None:
         """Per size class the best measured candidate that fits, with its recipe files; means on
-        the ``reference``'s chunks (``{chunk: mean KLD}`` of base_type) where a row shares them."""
+        the ``reference``'s chunks (``{chunk: mean KLD}`` of base_type) where a row shares them.
+
+        ``recipes/`` then holds what a publisher needs to write the files again with llama.cpp:
+        each file's tensor-type file, the importance matrix it was quantized with (copied from the
+        cache), ``quantize.sh`` with one llama-quantize command per file, and the model-card table."""
         model = self.facts.model_path
-        cands = [cand for cand, _ in self._candidates(rows, reference or {})]
-        recs = recommend(cands, self.size_classes)
+        pairs = self._candidates(rows, reference or {})
+        row_of = {cand.label: row for cand, row in pairs}
+        recs = recommend([cand for cand, _ in pairs], self.size_classes)
         out = Path(output_dir) / "recipes"
         out.mkdir(parents=True, exist_ok=True)
         listing = []
@@ -444,21 +458,45 @@ class Allocate(Search):
             entry = {"size_class": rec.size_class.name, "label": cand.label, "bits_per_weight": cand.bits_per_weight,
                      "kld_mean": cand.kld_mean, "kld_mean_se": cand.kld_mean_se, "base_type": cand.base_type}
             stem = rec.size_class.name.replace(" ", "_")
+            type_file = None
             if cand.overrides:
-                path = out / f"{stem}.tensor-types.txt"
-                path.write_text(tensor_type_file_text(list(cand.overrides)))
-                entry["tensor_type_file"] = str(path)
-                entry["command"] = llama_quantize_command(model, f"{Path(model).stem}-{stem}.gguf", cand.base_type,
-                                                          tensor_type_file=str(path))
-            else:
-                entry["command"] = llama_quantize_command(model, f"{Path(model).stem}-{stem}.gguf", cand.base_type)
+                type_file = out / f"{stem}.tensor-types.txt"
+                type_file.write_text(tensor_type_file_text(list(cand.overrides)))
+                entry["tensor_type_file"] = str(type_file)
+            imatrix = recipe_imatrix(row_of[cand.label], out)
+            if imatrix:
+                entry["imatrix"] = imatrix
+            entry["command"] = llama_quantize_command(model, f"{Path(model).stem}-{stem}.gguf", cand.base_type,
+                                                      tensor_type_file=str(type_file) if type_file else None,
+                                                      imatrix=imatrix or None)
             listing.append(entry)
             log(f"recommend {rec.size_class.name}: {cand.label} at {cand.bits_per_weight:.3f} bpw, "
                 f"mean KLD {cand.kld_mean:.4g}")
         card = model_card_table(recs)
         (out / "model-card.md").write_text(card + "\n")
+        script = out / "quantize.sh"
+        script.write_text(quantize_script([(f"{e['size_class']}: {e['label']}, {e['bits_per_weight']:.3f} bpw, "
+                                            f"mean KLD {e['kld_mean']:.4g}", e["command"]) for e in listing]))
+        script.chmod(0o755)
+        log(f"recipes  {out}: quantize.sh writes the recommended files with llama-quantize (their tensor-type "
+            f"files and importance matrix beside it); model-card.md")
         self.notes["allocate"]["recommendations"] = listing
         self.notes["allocate"]["model_card"] = card
+
+
+def recipe_imatrix(row: dict, recipes: Path) -> str:
+    """The importance matrix a recommended file was quantized with, as ``recipes/`` holds it
+    (copied from the cache, named by its hash), or "" when the file used none. When the cache
+    file is not on this machine (a trial on a node that shares no disk) the path names it there."""
+    src = str(row.get("imatrix_path") or "")
+    if not src:
+        return ""
+    dest = recipes / f"imatrix-{str(row.get('imatrix_hash') or '')[:12]}.gguf"
+    if not dest.exists() and Path(src).is_file():
+        tmp = dest.with_name(dest.name + ".partial")
+        shutil.copyfile(src, tmp)
+        tmp.replace(dest)
+    return str(dest) if dest.exists() else src
 
 
 def measured_mean(row: dict) -> float:
