@@ -186,10 +186,6 @@ def relative_to_best(table: Mapping[str, Mapping[str, float]]) -> dict[str, dict
     return out
 
 
-__all__ = ["LanguageSummary", "LanguageBreakdown", "summarize_languages", "group_by_language",
-           "worst_language", "relative_to_best", "WORST_BY"]
-
-
 def language_row_fields(per_chunk: Sequence, langs: Sequence[str], n_boot: int = 200) -> dict:
     """A results row's language columns: the worst language, the mean over languages, and every
     language's statistics as JSON (for languages.parquet). ``langs``: the language of each entry
@@ -199,3 +195,7 @@ def language_row_fields(per_chunk: Sequence, langs: Sequence[str], n_boot: int =
     return {"worst_language": breakdown.worst_language or "", "worst_language_kld": breakdown.worst_language_kld,
             "language_mean_kld": float(np.mean(means)) if means else math.nan,
             "languages": json.dumps(breakdown.rows(), default=float)}
+
+
+__all__ = ["LanguageSummary", "LanguageBreakdown", "summarize_languages", "group_by_language",
+           "worst_language", "relative_to_best", "language_row_fields", "WORST_BY"]
