@@ -41,6 +41,7 @@ SHARED = ROOT.parent / "shared" / "models"
 SIZES = ["Q3_K_M", "Q4_K_M", "Q5_K_M"]
 
 from llama_tools import find_tools, kl_divergence_pass, kld_summary, parse_kld_output, run_tool  # noqa: E402
+from ggufopt_ray.allocate.recommend import format_kld  # noqa: E402
 
 MIN_HELDOUT_CHUNKS = 8  # fewer: the held-out score is left out (too few documents are left)
 
@@ -291,8 +292,8 @@ def main(argv=None) -> int:
         print("| size | stock KLD | allocated KLD | KLD ratio |")
         print("|---|---:|---:|---:|")
         for size, d in heldout["per_size"].items():
-            print(f"| {size} | {d['stock']['kld_mean']:.5f} ± {d['stock']['kld_mean_se']:.5f} | "
-                  f"{d['allocated']['kld_mean']:.5f} ± {d['allocated']['kld_mean_se']:.5f} | "
+            print(f"| {size} | {format_kld(d['stock']['kld_mean'], d['stock']['kld_mean_se'])} | "
+                  f"{format_kld(d['allocated']['kld_mean'], d['allocated']['kld_mean_se'])} | "
                   f"{heldout['kld_ratio_vs_stock'][size]:.3f} ± {heldout['kld_ratio_se'][size]:.3f} |")
         v = heldout["vs_tpe"]
         if v and v["allocator_q4_k_m"]:

@@ -73,3 +73,8 @@ def test_model_card_table():
     assert "nothing measured fits 1.00 GiB" in rows[3]
     plain = model_card_table([Candidate("Q8_0", 2**20, 2**20, 0.002)])  # candidates without classes
     assert "| Q8_0 | 1.0 MiB | 8.000 | 0.00200 | – | – | – |" in plain
+    # a very good file keeps its digits: two significant ones of the SE, three of the p99
+    good = Candidate.from_summary("Q8_0", nbytes=2**20, n_params=2**20,
+                                  summary={**summary, "kld_mean": 4.87e-5, "kld_mean_se": 1.23e-6, "kld_p99": 3.14e-4})
+    cells = [x.strip() for x in model_card_table([good]).splitlines()[2].strip("|").split("|")]
+    assert cells[4:6] == ["0.0000487 ± 0.0000012", "0.000314"]
