@@ -303,14 +303,14 @@ def run_sweep(cfg: SweepConfig, output_dir: str | Path, resume: bool = True, log
     t_trials = time.perf_counter()
     outcome = run_trials(trainable, search=search, cluster=cfg.cluster, storage_path=output_dir / "ray_results",
                          n_chunks=len(ev), min_chunks=cfg.metrics.min_chunks,
-                         callbacks=callbacks(search.n_trials()), resume=resume)
+                         callbacks=callbacks(search.n_trials()), resume=resume, log=log)
 
     def run_round(configs: list[dict], name: str) -> list[dict]:
         """A later round of the search: its configs as trials, added to the sweep's results (a row of
         a candidate measured before replaces the earlier one: ``searches.base.superseded``)."""
         more = run_trials(trainable, search=search, cluster=cfg.cluster, storage_path=output_dir / "ray_results",
                           n_chunks=len(ev), min_chunks=cfg.metrics.min_chunks, configs=configs, name=name,
-                          callbacks=callbacks(len(configs)), resume=resume)
+                          callbacks=callbacks(len(configs)), resume=resume, log=log)
         outcome.rows[:] = superseded(outcome.rows, more.rows)
         outcome.history.extend(more.history)
         outcome.errors.extend(more.errors)

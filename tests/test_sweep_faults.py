@@ -141,7 +141,10 @@ def test_killed_driver_resumes_without_recomputing(tmp_path):
     # kill may start again, but it finds its candidate in the cache and its chunks in the store.
     rebuilt = [e["label"] for e in after if e["event"] == "candidate" and not e["cached"]]
     assert not done_before & set(rebuilt), "a finished trial's candidate was quantized again"
-    assert len(set(restarted)) <= len(KILL_TYPES) - saved_done, "trials Tune had saved as finished ran again"
+    # Unless the kill cut Tune's saved state short: then the rerun set it aside (see the test below)
+    # and every trial started again, computing nothing it had committed (checked next).
+    if not list((out / "ray_results").glob("sweep.damaged-*")):
+        assert len(set(restarted)) <= len(KILL_TYPES) - saved_done, "trials Tune had saved as finished ran again"
     recomputed = [(e["label"], e["chunk"]) for e in after if e["event"] == "chunk"]
     computed_before = {(e["label"], e["chunk"]) for e in before if e["event"] == "chunk"}
     assert not computed_before & set(recomputed), "a committed chunk was evaluated twice"
@@ -163,6 +166,38 @@ def test_killed_driver_resumes_without_recomputing(tmp_path):
         _assert_row_matches_per_token(row, per_token)
         _assert_per_token_matches_models(row, per_token, references)
     print(f"numbers checked for {sorted(rows['label'])}; resumed: {sorted(resumed)}")
+
+
+def test_a_damaged_tune_state_is_set_aside_and_nothing_is_computed_again(ray_local, tmp_path):
+    """A driver killed while Tune copies its state can leave a file of it cut short (seen in CI: an
+    empty basic-variant-state-*.json, after which Tune "restored" a searcher with no configs and
+    ran one trial with an empty config). The rerun sets the damaged experiment aside, says so,
+    and runs the trials again; they read every chunk back from their results stores."""
+    from ggufopt_ray.sweep import run_sweep
+
+    cfg = small_sweep_config(tmp_path / "cache", types=["Q8_0", "Q4_0"])
+    first = run_sweep(cfg, tmp_path / "out", log=lambda *a: None)
+    assert not first.errors and len(first.rows) == 2
+    exp = tmp_path / "out" / "ray_results" / "sweep"
+    state = sorted(exp.glob("basic-variant-state-*.json"))[-1]
+    state.write_bytes(b"")
+    events = tmp_path / "out" / "events.jsonl"
+    n_before = len(_events(events))
+    lines: list[str] = []
+    second = run_sweep(cfg, tmp_path / "out", log=lines.append)
+    assert not second.errors, second.errors
+    assert second.resumed
+    assert any("damaged" in line and state.name in line for line in lines), lines
+    aside = list(exp.parent.glob("sweep.damaged-*"))
+    assert len(aside) == 1 and (aside[0] / state.name).stat().st_size == 0
+    after = _events(events)[n_before:]
+    assert sorted(e["label"] for e in after if e["event"] == "trial_start") == ["Q4_0", "Q8_0"]
+    assert not [e for e in after if e["event"] == "chunk"], "a committed chunk was evaluated again"
+    assert not [e for e in after if e["event"] == "candidate" and not e["cached"]]
+    old = {r["label"]: r for r in first.rows}
+    for r in second.rows:
+        for key in ("kld_mean", "kld_mean_se", "kld_p99", "same_top", "chunks"):
+            assert r[key] == old[r["label"]][key], (r["label"], key)
 
 
 SWEEP_CTX, SWEEP_FIRST = 128, 64  # n_ctx of both sweeps here (small_sweep_config, _sweep_cmd); first scored row

@@ -28,6 +28,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import ray
@@ -280,18 +281,59 @@ def _scheduler(search: SearchConfig, n_chunks: int, min_chunks: int):
     raise ValueError(f"unknown scheduler {search.scheduler!r}")  # Search.validate refuses it earlier
 
 
+def damaged_tune_state(exp_path: Path) -> str | None:
+    """What is wrong with the state Tune saved in ``exp_path`` (None when it looks whole).
+
+    A driver killed while Tune copies its state into the run directory can leave a file cut short
+    (seen: an empty ``basic-variant-state-*.json``); Tune then "restores" a searcher that knows no
+    configs and runs one trial with an empty config. Read without unpickling anything: the newest
+    experiment state must parse as JSON, the pickled files must end with pickle's STOP opcode."""
+    def newest(pattern: str) -> Path | None:
+        found = sorted(exp_path.glob(pattern))
+        return found[-1] if found else None
+
+    for pattern in ("tuner.pkl", "basic-variant-state-*.json", "search_gen_state-*.json"):
+        path = newest(pattern)
+        if path is not None and not path.read_bytes()[-1:] == b".":
+            return f"{path.name} is cut short ({path.stat().st_size} bytes)"
+    path = newest("experiment_state-*.json")
+    if path is not None:
+        try:
+            json.loads(path.read_text())
+        except ValueError:
+            return f"{path.name} is not valid JSON"
+    return None
+
+
+def set_damaged_state_aside(exp_path: Path, problem: str, log: Callable[[str], None] | None) -> None:
+    """Move a damaged experiment out of Tune's way; its trials start again from the results stores."""
+    aside = exp_path.with_name(f"{exp_path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    exp_path.rename(aside)
+    if log is not None:
+        log(f"resume   Tune's saved state of {exp_path.name!r} is damaged ({problem}; moved to {aside.name}): "
+            f"its trials start again, and read the chunks they had committed back from the results stores")
+
+
 def run_trials(trainable, *, search: Search, cluster: ClusterConfig, storage_path: Path, n_chunks: int,
                min_chunks: int, callbacks: list | None = None, resume: bool = True,
-               configs: list[dict] | None = None, name: str = EXPERIMENT_NAME) -> TuneOutcome:
+               configs: list[dict] | None = None, name: str = EXPERIMENT_NAME,
+               log: Callable[[str], None] | None = None) -> TuneOutcome:
     """Run ``trainable`` over the search's grid (every config) or its Optuna space (``num_samples``).
 
     ``configs`` runs exactly these configs as a grid instead (a search's later rounds), as the
-    experiment ``name`` under ``storage_path`` (each round resumes on its own)."""
+    experiment ``name`` under ``storage_path`` (each round resumes on its own). An experiment
+    whose saved state is damaged (:func:`damaged_tune_state`) is set aside and run again: nothing
+    is lost, since each candidate's evaluated chunks are in its results store."""
     storage_path = Path(storage_path).resolve()
     exp_path = storage_path / name
     wrapped = tune.with_resources(trainable, trial_resources(cluster))
     cfg = search.cfg
     resumed = False
+    if resume and tune.Tuner.can_restore(str(exp_path)):
+        problem = damaged_tune_state(exp_path)
+        if problem is not None:
+            set_damaged_state_aside(exp_path, problem, log)
+            resumed = True
     if resume and tune.Tuner.can_restore(str(exp_path)):
         tuner = tune.Tuner.restore(str(exp_path), trainable=wrapped, resume_unfinished=True,
                                    resume_errored=True)
