@@ -294,7 +294,7 @@ def damaged_tune_state(exp_path: Path) -> str | None:
 
     for pattern in ("tuner.pkl", "basic-variant-state-*.json", "search_gen_state-*.json"):
         path = newest(pattern)
-        if path is not None and not path.read_bytes()[-1:] == b".":
+        if path is not None and _last_byte(path) != b".":
             return f"{path.name} is cut short ({path.stat().st_size} bytes)"
     path = newest("experiment_state-*.json")
     if path is not None:
@@ -303,6 +303,17 @@ def damaged_tune_state(exp_path: Path) -> str | None:
         except ValueError:
             return f"{path.name} is not valid JSON"
     return None
+
+
+def _last_byte(path: Path) -> bytes:
+    """The file's last byte (b"" for an empty file), without reading the rest (an Optuna study's
+    state can be large)."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return b""
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
 
 
 def set_damaged_state_aside(exp_path: Path, problem: str, log: Callable[[str], None] | None) -> None:
