@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from ggufopt_ray.errors import UserError
+from ggufopt_ray.report.format import decimals
 
 
 @dataclass(frozen=True)
@@ -145,22 +146,16 @@ def _num(x: float, fmt: str) -> str:
     return format(x, fmt) if math.isfinite(x) else "–"
 
 
-def _decimals(x: float, significant: int, at_least: int) -> int:
-    """Decimals that show ``significant`` digits of ``x`` (never fewer than ``at_least``): a good
-    file's KLD is ~1e-5, which a fixed five decimals would print as 0.00001 ± 0.00000."""
-    if not (math.isfinite(x) and x > 0):
-        return at_least
-    return min(12, max(at_least, significant - 1 - math.floor(math.log10(x))))
-
-
 def format_kld(mean: float, se: float = math.nan) -> str:
-    """Mean ± SE with two significant digits of the SE (three of the mean when there is no SE)."""
+    """Mean ± SE with two significant digits of the SE (three of the mean when there is no SE),
+    in fixed point and never fewer than five decimals, so a model card's column lines up: a good
+    file's KLD is ~1e-5, which a fixed five decimals alone would print as 0.00001 ± 0.00000."""
     if not math.isfinite(mean):
         return "–"
     if math.isfinite(se) and se > 0:
-        d = _decimals(se, 2, 5)
+        d = max(5, decimals(se))
         return f"{mean:.{d}f} ± {se:.{d}f}"
-    return f"{mean:.{_decimals(abs(mean), 3, 5)}f}"
+    return f"{mean:.{max(5, decimals(mean, 3))}f}"
 
 
 def model_card_table(recommendations: Sequence[Recommendation] | Sequence[Candidate]) -> str:
@@ -177,6 +172,7 @@ def model_card_table(recommendations: Sequence[Recommendation] | Sequence[Candid
             continue
         kld = format_kld(c.kld_mean, c.kld_mean_se)
         top = _num(100.0 * c.same_top, ".2f") + ("%" if math.isfinite(c.same_top) else "")
+        p99 = _num(c.kld_p99, f".{max(4, decimals(c.kld_p99, 3))}f")
         rows.append(f"| {rec.size_class.name} | {c.label} | {_size(c.nbytes)} | {c.bits_per_weight:.3f} | {kld} "
-                    f"| {_num(c.kld_p99, f'.{_decimals(c.kld_p99, 3, 4)}f')} | {top} | {_num(c.ppl_ratio, '.4f')} |")
+                    f"| {p99} | {top} | {_num(c.ppl_ratio, '.4f')} |")
     return head + "".join(row + "\n" for row in rows)

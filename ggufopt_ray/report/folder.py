@@ -65,13 +65,6 @@ class ResultsFolder:
         return float(c.iloc[0]) if len(c) else 0.95
 
 
-def finite(x) -> bool:
-    try:
-        return x is not None and math.isfinite(float(x))
-    except (TypeError, ValueError):
-        return False
-
-
 def _read_parquet(path: Path) -> pd.DataFrame | None:
     if not path.is_file():
         return None

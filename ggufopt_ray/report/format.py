@@ -11,14 +11,23 @@ from __future__ import annotations
 
 import math
 
-from ggufopt_ray.report.folder import finite
-
 DASH = "–"
 
 
-def _decimals(uncertainty: float) -> int:
-    """Decimal places that show ``uncertainty`` with two significant digits."""
-    return min(12, max(0, 1 - math.floor(math.log10(uncertainty))))
+def finite(x) -> bool:
+    """Whether ``x`` is a finite number (None, text that is not a number and NaN are not)."""
+    try:
+        return x is not None and math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+def decimals(x, significant: int = 2) -> int:
+    """Decimal places that show ``x`` with ``significant`` significant digits (an uncertainty
+    with two); 0 for zero or a number that is not finite, at most 12."""
+    if not finite(x) or float(x) == 0:
+        return 0
+    return min(12, max(0, significant - 1 - math.floor(math.log10(abs(float(x))))))
 
 
 def _exponent(value: float) -> int:
@@ -45,7 +54,7 @@ def fmt_num(x, sig: int = 4, trim: bool = True) -> str:
         if trim and "." in mantissa:
             mantissa = mantissa.rstrip("0").rstrip(".")
         return f"{mantissa}e{int(exponent)}"
-    text = f"{x:.{max(0, sig - 1 - math.floor(math.log10(abs(x))))}f}"
+    text = f"{x:.{decimals(x, sig)}f}"
     if trim and "." in text:
         text = text.rstrip("0").rstrip(".")
     return text
@@ -60,7 +69,7 @@ def fmt_pm(value, uncertainty, unit: str = "") -> str:
         return fmt_num(value) + unit
     e = _exponent(value)
     v, u = value / 10**e, float(uncertainty) / 10**e
-    d = _decimals(u)
+    d = decimals(u)
     body = f"{v:.{d}f} ± {u:.{d}f}"
     return f"({body})e{e}{unit}" if e else f"{body}{unit}"
 
@@ -74,7 +83,7 @@ def fmt_interval(value, lo, hi) -> str:
         return fmt_num(value)
     e = _exponent(value)
     s = 10**e
-    d = _decimals((float(hi) - float(lo)) / 3.92 / s)
+    d = decimals((float(hi) - float(lo)) / 3.92 / s)
     body = f"{value / s:.{d}f} [{float(lo) / s:.{d}f}, {float(hi) / s:.{d}f}]"
     return f"{body} e{e}" if e else body
 

@@ -28,8 +28,8 @@ from typing import Callable
 import pandas as pd
 
 from ggufopt_ray.errors import UserError
-from ggufopt_ray.report.folder import ResultsFolder, finite, load_results_folder, numeric
-from ggufopt_ray.report.format import DASH, fmt_int, fmt_interval, fmt_mib, fmt_num, fmt_pm
+from ggufopt_ray.report.folder import ResultsFolder, load_results_folder, numeric
+from ggufopt_ray.report.format import DASH, finite, fmt_int, fmt_interval, fmt_mib, fmt_num, fmt_pm
 from ggufopt_ray.report.plots import Plot, bub_grid, language_table, make_plots
 
 PLOTS_DIR = "plots"
