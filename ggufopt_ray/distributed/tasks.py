@@ -361,8 +361,9 @@ def prepare_imatrix(recipe: Recipe, ctx: TrialContext, threads: int) -> str | No
 
 def prepare_candidate(recipe: Recipe, ctx: TrialContext, threads: int) -> Candidate:
     """Build (or fetch from the cache) the candidate file (in this trial or on a CPU task, see
-    :func:`runs_in_trial`), local to this trial. ``threads``: the
-    trial's threads, which its own quantize and imatrix work use."""
+    :func:`runs_in_trial`), local to this trial. ``threads``: the trial's threads, which its own
+    quantize and imatrix work use. The Candidate names the importance matrix it was quantized
+    with (``imatrix_path``), for the recipes that rebuild it."""
     im_path = prepare_imatrix(recipe, ctx, threads)
     cand = run_cpu_work(ctx.cluster, f"build-{recipe.label()}", build_candidate_here, recipe, ctx.base_model,
                         ctx.cache_dir, ctx.model_fp, im_path, work_threads(ctx.cluster, threads),
